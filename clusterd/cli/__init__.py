@@ -1,0 +1,9 @@
+"""The `clusterd` command. Each subcommand lives in its own module."""
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="clusterd")
+def main() -> None:
+    """Run very large models across the pooled memory of several Macs."""
