@@ -1,0 +1,48 @@
+"""`clusterd up`: start this Mac's node daemon in the foreground."""
+
+import logging
+import socket
+import sys
+
+import click
+
+from clusterd.node.daemon import DaemonConfig, PortError, run_forever
+from clusterd.node.resources import parse_size
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0 picks a free one).")
+@click.option("--name", default=None, help="Node name shown to the cluster [default: hostname].")
+@click.option("--memory-limit", "memory_limit", default=None, callback=_size, metavar="SIZE",
+              help="Pretend this node has only SIZE usable (e.g. 48G), to keep memory for other work.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
+def up(host, port, name, memory_limit, log_level):
+    """Run the node daemon until Ctrl-C or `clusterd down`."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = DaemonConfig(host=host, port=port, name=name or socket.gethostname(),
+                          memory_limit=memory_limit)
+
+    def announce(daemon):
+        r = daemon.resources
+        click.echo(
+            f"clusterd node {daemon.name!r} listening on {host}:{daemon.port} "
+            f"({r.chip}, {r.usable_bytes / 2**30:.1f} GiB usable of {r.total_bytes / 2**30:.1f} GiB)",
+        )
+        sys.stdout.flush()
+
+    try:
+        run_forever(config, announce)
+    except PortError as e:
+        raise click.ClickException(str(e)) from None

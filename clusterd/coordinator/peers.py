@@ -1,0 +1,90 @@
+"""PeerHandle: the coordinator's client for one node. Every call has a
+deadline, and a failure becomes a PeerError that names the node."""
+
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+from clusterd.wire import clusterd_pb2 as pb
+from clusterd.wire import clusterd_pb2_grpc as rpc
+from clusterd.wire.channel import open_channel
+
+INFO_TIMEOUT_S = 5.0
+LOAD_TIMEOUT_S = 3600.0  # a real R1 stage is ~130 GB read from disk
+
+
+class PeerError(RuntimeError):
+    """A node refused or failed a call; the message names the node."""
+
+    def __init__(self, address: str, message: str, code: Optional[grpc.StatusCode] = None):
+        super().__init__(message)
+        self.address = address
+        self.code = code
+
+
+class PeerHandle:
+    def __init__(self, address: str, interceptors: Sequence[object] = ()):
+        self.address = address
+        self.name = address  # replaced by the node's own name after info()
+        self._channel = open_channel(address, interceptors)
+        self._stub = rpc.NodeStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"PeerHandle({self.name}@{self.address})"
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request, timeout: float):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(method, e) from None
+
+    def _error(self, method: str, e: grpc.RpcError) -> PeerError:
+        code = e.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            text = f"node {self.name} ({self.address}) is unreachable: {e.details()}"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            text = f"node {self.name} ({self.address}) did not answer {method} in time"
+        else:
+            text = f"node {self.name} ({self.address}) refused {method}: {e.details()}"
+        return PeerError(self.address, text, code)
+
+    def info(self) -> pb.NodeInfo:
+        info = self._call("Info", pb.InfoRequest(), INFO_TIMEOUT_S)
+        self.name = info.name or self.address
+        return info
+
+    def health(self, timeout: float = INFO_TIMEOUT_S) -> pb.HealthReply:
+        return self._call("Health", pb.HealthRequest(), timeout)
+
+    def load_shard(self, stage: pb.StageSpec) -> pb.LoadShardReply:
+        return self._call("LoadShard", pb.LoadShardRequest(stage=stage), LOAD_TIMEOUT_S)
+
+    def unload(self) -> pb.UnloadReply:
+        return self._call("Unload", pb.UnloadRequest(), 60.0)
+
+    def open_session(self, request: pb.OpenSessionRequest) -> None:
+        self._call("OpenSession", request, 30.0)
+
+    def forward(self, act: pb.Activation) -> None:
+        self._call("Forward", act, 60.0)
+
+    def end_session(self, session_id: str) -> None:
+        self._call("EndSession", pb.EndSessionRequest(session_id=session_id), 10.0)
+
+    def stream_tokens(self, session_id: str) -> Iterator[pb.TokenEvent]:
+        """Events of one session, until `done`. No overall deadline: the
+        caller watches node health while it waits."""
+        call = self._stub.StreamTokens(pb.StreamTokensRequest(session_id=session_id))
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise self._error("StreamTokens", e) from None
+        finally:
+            call.cancel()
+
+    def shutdown(self) -> None:
+        self._call("Shutdown", pb.ShutdownRequest(), 10.0)

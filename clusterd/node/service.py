@@ -1,0 +1,194 @@
+"""The gRPC service of a node. Handlers validate requests and answer with a
+status that names the problem; the work itself runs on the Executor."""
+
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import mlx.core as mx
+import psutil
+
+from clusterd.models.stage import StageLoadError
+from clusterd.node.executor import Busy, Executor
+from clusterd.node.resources import Resources
+from clusterd.wire import PROTOCOL_VERSION
+from clusterd.wire import clusterd_pb2 as pb
+from clusterd.wire import clusterd_pb2_grpc as rpc
+from clusterd.wire.tensors import TensorError, check, dtype_name
+
+log = logging.getLogger("clusterd.node")
+
+
+class NodeService(rpc.NodeServicer):
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        name: str,
+        port: int,
+        resources: Resources,
+        executor: Executor,
+        on_shutdown: Callable[[], None],
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.node_id = node_id
+        self.name = name
+        self.port = port
+        self.resources = resources
+        self.executor = executor
+        self._on_shutdown = on_shutdown
+        self._on_change = on_change
+        self._stopping = threading.Event()
+
+    # -- identity and health --------------------------------------------------
+    def state(self) -> str:
+        if self._stopping.is_set():
+            return "stopping"
+        if self.executor.loading:
+            return "loading"
+        return "ready" if self.executor.stage is not None else "idle"
+
+    def info(self) -> pb.NodeInfo:
+        r = self.resources
+        sessions = [
+            pb.SessionInfo(session_id=s.session_id, tokens=s.cached_tokens, kv_bytes=s.kv_bytes,
+                           idle_seconds=time.monotonic() - s.last_active)
+            for s in self.executor.sessions.snapshot()
+        ]
+        stage = self.executor.stage
+        weights = stage.weight_bytes if stage else 0
+        msg = pb.NodeInfo(
+            node_id=self.node_id, name=self.name, protocol_version=PROTOCOL_VERSION,
+            chip=r.chip, total_memory_bytes=r.total_bytes, usable_memory_bytes=r.usable_bytes,
+            bandwidth_gbs=r.bandwidth_gbs, free_disk_bytes=r.free_disk_bytes,
+            platform=r.platform, mlx_version=mx.__version__, state=self.state(),
+            has_shard=stage is not None, sessions=sessions,
+            memory_held_bytes=weights + sum(s.kv_bytes for s in sessions),
+            rss_bytes=psutil.Process(os.getpid()).memory_info().rss, port=self.port,
+        )
+        if stage is not None:
+            msg.shard.CopyFrom(self._shard(stage))
+        return msg
+
+    def _shard(self, stage) -> pb.LoadedShard:
+        b = stage.bounds
+        return pb.LoadedShard(
+            model_path=str(stage.path), model_type=stage.model_type, start_layer=b.start,
+            end_layer=b.end, num_layers=b.num_layers, first=b.first, last=b.last,
+            weight_bytes=stage.weight_bytes, load_seconds=self.executor.load_seconds)
+
+    def Info(self, request, context):
+        return self.info()
+
+    def Health(self, request, context):
+        return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
+                              state=self.state())
+
+    # -- shards ---------------------------------------------------------------
+    def LoadShard(self, request, context):
+        spec = request.stage
+        if not spec.model_path:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadShard needs a model_path")
+        log.info("loading layers [%d, %d) of %s", spec.start_layer, spec.end_layer, spec.model_path)
+        try:
+            stage = self.executor.load(Path(spec.model_path), spec.start_layer, spec.end_layer,
+                                       max_bytes=self.resources.usable_bytes)
+        except Busy as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except StageLoadError as e:
+            log.warning("load failed: %s", e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
+        except Exception as e:  # anything else: the node stays up and says why
+            log.exception("load failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: load failed: {e}")
+        log.info("loaded %.1f MiB in %.2fs", stage.weight_bytes / 2**20, self.executor.load_seconds)
+        self._on_change()
+        return pb.LoadShardReply(shard=self._shard(stage), memory_held_bytes=stage.weight_bytes)
+
+    def Unload(self, request, context):
+        if self.executor.loading:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a load is in progress")
+        freed = self.executor.unload()
+        self._on_change()
+        return pb.UnloadReply(freed_bytes=freed)
+
+    # -- sessions -------------------------------------------------------------
+    def OpenSession(self, request, context):
+        if self.executor.stage is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"node {self.name} has no shard loaded")
+        if not request.session_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "OpenSession needs a session_id")
+        if self.executor.stage.bounds.last and request.max_tokens < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be at least 1")
+        self.executor.open_session(request)
+        return pb.OpenSessionReply()
+
+    def Forward(self, request, context):
+        stage = self.executor.stage
+        if stage is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} has no shard loaded")
+        if self.executor.sessions.get(request.session_id) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"unknown session {request.session_id!r} on node {self.name}")
+        problem = _check_activation(request, stage)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {problem}")
+        self.executor.enqueue(request)
+        return pb.ForwardReply()
+
+    def StreamTokens(self, request, context):
+        s = self.executor.sessions.get(request.session_id)
+        if s is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"unknown session {request.session_id!r} on node {self.name}")
+        while context.is_active():
+            try:
+                event = s.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            yield event
+            if event.done:
+                return
+
+    def EndSession(self, request, context):
+        freed = self.executor.sessions.end(request.session_id)
+        return pb.EndSessionReply(freed_bytes=freed)
+
+    def Shutdown(self, request, context):
+        self._stopping.set()
+        threading.Thread(target=self._on_shutdown, daemon=True).start()
+        return pb.ShutdownReply()
+
+
+def _check_activation(act: pb.Activation, stage) -> str:
+    """What is wrong with an activation for this stage, or ''."""
+    kind = act.WhichOneof("payload")
+    if kind == "error":
+        return ""
+    if stage.bounds.first:
+        if kind != "tokens":
+            return "the first stage takes token ids, not a hidden state"
+        ids = act.tokens.ids
+        if not ids:
+            return "no token ids"
+        bad = [i for i in ids if not 0 <= i < stage.vocab_size]
+        if bad:
+            return f"token id {bad[0]} is outside the vocabulary [0, {stage.vocab_size})"
+        return ""
+    if kind != "hidden":
+        return "this stage takes a hidden state, not token ids"
+    try:
+        shape = check(act.hidden)
+    except TensorError as e:
+        return str(e)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != stage.hidden_size:
+        return f"hidden state has shape {list(shape)}, expected [1, L, {stage.hidden_size}]"
+    if act.hidden.dtype != dtype_name(stage.activation_dtype):
+        return f"hidden state is {act.hidden.dtype}, expected {dtype_name(stage.activation_dtype)}"
+    return ""

@@ -1,0 +1,59 @@
+"""Tensors on the wire: raw little-endian bytes + dtype + shape, no pickles.
+
+MLX arrays expose the buffer protocol, so encoding is one copy into the
+protobuf bytes field and decoding is one copy out of it.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from clusterd.wire import clusterd_pb2 as pb
+
+# bfloat16 has no numpy dtype: it travels as its 2-byte pattern.
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_MLX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MAX_ELEMENTS = 1 << 31
+
+
+class TensorError(ValueError):
+    """A tensor message that cannot be decoded; the text says why."""
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    for name, d in _MLX.items():
+        if d == dtype:
+            return name
+    raise TensorError(f"dtype {dtype} cannot travel on the wire (use one of {sorted(_MLX)})")
+
+
+def to_wire(a: mx.array) -> pb.Tensor:
+    name = dtype_name(a.dtype)
+    raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+    return pb.Tensor(data=bytes(memoryview(raw)), dtype=name, shape=list(a.shape))
+
+
+def check(t: pb.Tensor) -> tuple[int, ...]:
+    """Validate a tensor message without decoding it; returns its shape."""
+    if t.dtype not in _NUMPY:
+        raise TensorError(f"unknown tensor dtype {t.dtype!r} (expected one of {sorted(_NUMPY)})")
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise TensorError(f"tensor shape {list(shape)} is too large")
+    itemsize = np.dtype(_NUMPY[t.dtype]).itemsize
+    if len(t.data) != count * itemsize:
+        raise TensorError(
+            f"tensor data is {len(t.data)} bytes but shape {list(shape)} of {t.dtype} "
+            f"needs {count * itemsize}"
+        )
+    return shape
+
+
+def from_wire(t: pb.Tensor) -> mx.array:
+    shape = check(t)
+    arr = mx.array(np.frombuffer(t.data, dtype=_NUMPY[t.dtype]).reshape(shape))
+    return arr.view(mx.bfloat16) if t.dtype == "bfloat16" else arr
