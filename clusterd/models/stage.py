@@ -67,8 +67,8 @@ class StageModel:
         return self.layers[0].input_layernorm.weight.dtype
 
     def make_cache(self) -> list[Any]:
-        if hasattr(self.model, "make_cache"):
-            return self.model.make_cache()[self.bounds.start : self.bounds.end]
+        # Every supported layer keeps a plain KV cache (load_stage refuses
+        # sliding-window layers), which is also what mlx-lm makes for them.
         return [KVCache() for _ in self.layers]
 
     def forward(self, x: mx.array, cache: list[Any]) -> mx.array:
@@ -148,6 +148,8 @@ def load_stage(path: Path, start: int, end: int, max_bytes: int | None = None) -
         )
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    if any(getattr(layer, "use_sliding", False) for layer in model.model.layers):
+        raise StageLoadError("models with sliding-window attention layers are not supported")
     num_layers = len(model.model.layers)
     if not (0 <= start < end <= num_layers):
         raise StageLoadError(

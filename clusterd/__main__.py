@@ -1,0 +1,3 @@
+from clusterd.cli import main
+
+main()

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from daemons import Cluster, start_daemon  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """Build (or reuse from the on-disk cache) a synthetic model directory."""
+    from clusterd.models.synthetic import build_synthetic_model
+
+    def build(arch: str, preset: str = "tiny", seed: int = 0, **kw) -> Path:
+        return build_synthetic_model(arch, preset, seed, **kw)
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """Three real daemon processes on loopback, shared by a test module."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    cluster = Cluster([start_daemon(tmp, f"node{i}") for i in range(3)])
+    yield cluster
+    cluster.stop()
