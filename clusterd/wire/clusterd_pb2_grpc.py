@@ -84,6 +84,11 @@ class NodeStub:
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.FetchFileRequest.SerializeToString,
                 response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.PrepareFiles = channel.unary_stream(
+                '/clusterd.v1.Node/PrepareFiles',
+                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.SerializeToString,
+                response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/clusterd.v1.Node/Shutdown',
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.ShutdownRequest.SerializeToString,
@@ -158,6 +163,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareFiles(self, request, context):
+        """Make sure this node has the given files of a model in its own store,
+        fetching what is missing from other nodes or the hub; streams progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """`clusterd down`: unregister, cancel work, free memory, exit.
         """
@@ -217,6 +230,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.FetchFile,
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.FetchFileRequest.FromString,
                     response_serializer=clusterd_dot_wire_dot_clusterd__pb2.FileChunk.SerializeToString,
+            ),
+            'PrepareFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrepareFiles,
+                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.FromString,
+                    response_serializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -494,6 +512,33 @@ class Node:
             '/clusterd.v1.Node/FetchFile',
             clusterd_dot_wire_dot_clusterd__pb2.FetchFileRequest.SerializeToString,
             clusterd_dot_wire_dot_clusterd__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clusterd.v1.Node/PrepareFiles',
+            clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.SerializeToString,
+            clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.FromString,
             options,
             channel_credentials,
             insecure,
