@@ -1,11 +1,11 @@
-"""The outside reference: single-process mlx-lm on the same model directory."""
+"""The outside reference for tests: mlx-lm's generate_step, model cached."""
 
 from functools import lru_cache
 from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
+
+from clusterd import reference
 
 
 @lru_cache(maxsize=4)
@@ -15,13 +15,5 @@ def _model(path: str):
 
 def mlx_lm_greedy(path: Path, prompt: list[int], max_tokens: int, prefill_step_size: int,
                   stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """mlx-lm's own generate_step, greedy; stops before a stop token like
-    clusterd (and mlx-lm's stream_generate) do."""
-    out = []
-    steps = generate_step(mx.array(prompt), _model(str(path)), max_tokens=max_tokens,
-                          prefill_step_size=prefill_step_size)
-    for token, _ in steps:
-        if token in stop_ids:
-            break
-        out.append(token)
-    return out
+    return reference.mlx_lm_greedy(path, prompt, max_tokens, prefill_step_size, stop_ids,
+                                   model=_model(str(path)))

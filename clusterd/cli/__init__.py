@@ -16,3 +16,13 @@ main.add_command(up)
 from clusterd.cli.run import run  # noqa: E402
 
 main.add_command(run)
+
+from clusterd.cli.nodes import nodes, secret, status  # noqa: E402
+
+main.add_command(nodes)
+main.add_command(status)
+main.add_command(secret)
+
+from clusterd.cli.demo import demo  # noqa: E402
+
+main.add_command(demo)
