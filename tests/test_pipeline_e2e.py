@@ -101,3 +101,27 @@ def test_cli_run_json_matches_mlx_lm(three_nodes, deepseek):
     assert all(a["layers"][1] == b["layers"][0] for a, b in zip(stages, stages[1:]))
     assert all(s["memory_bytes"] > 0 for s in stages)
     assert report["ttft_s"] > 0 and report["decode_tok_s"] > 0
+
+
+def test_seeded_sampling_matches_mlx_lm_with_the_same_seed(three_nodes, deepseek):
+    """temp 0.6 / top-p 0.95 with a seed: the last stage draws exactly what
+    mlx-lm draws with the same seed and sampler, and another seed differs."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    from reference import _model
+
+    prompt = PROMPTS["few-tokens"]
+    nodes = connect(three_nodes.addresses)
+    stages = load_ring(deepseek, nodes, ranges_from_counts([2, 2, 2]))
+    pipe = Pipeline(stages, prefill_step_size=CHUNK)
+    runs = {seed: list(pipe.generate(prompt, 32, Sampling(0.6, 0.95, seed=seed)))
+            for seed in (7, 8)}
+    model = _model(str(deepseek))
+    mx.random.seed(7)
+    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=32,
+                                            prefill_step_size=CHUNK,
+                                            sampler=make_sampler(0.6, 0.95))]
+    assert runs[7] == expected
+    assert runs[8] != runs[7]
