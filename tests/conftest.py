@@ -1,4 +1,7 @@
+import os
+import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +9,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from daemons import Cluster, start_daemon  # noqa: E402
+
+# One cluster secret for the test run, shared by the test process and every
+# daemon it starts; and a clusterd folder of its own, never the user's.
+os.environ.setdefault("CLUSTERD_SECRET", secrets.token_hex(24))
+os.environ["CLUSTERD_HOME"] = tempfile.mkdtemp(prefix="clusterd-test-home-")
 
 
 @pytest.fixture(scope="session")

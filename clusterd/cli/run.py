@@ -1,16 +1,19 @@
 """`clusterd run MODEL`: load MODEL across the nodes and generate."""
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
+from clusterd.cli.cluster_options import discovered_addresses, discovery_options
 from clusterd.coordinator.chat import Chat
 from clusterd.coordinator.cluster import SplitError, connect, load_ring, plan_ranges
 from clusterd.coordinator.peers import PeerError
 from clusterd.coordinator.pipeline import GenerationError, GenerationStats, Pipeline, Sampling
 from clusterd.models.stage import StageLoadError, read_config
+from clusterd.security import SecretError
 
 
 def _err(text: str) -> None:
@@ -20,7 +23,8 @@ def _err(text: str) -> None:
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
-              help="A node to use (repeat; the ring follows this order).")
+              help="A node to use (repeat; the ring follows this order). "
+                   "Without --peer, the nodes mDNS finds are used.")
 @click.option("--split", default=None, metavar="N,N,...", help="Force layers per node, e.g. 3,2,1.")
 @click.option("--prompt", default=None, help="One-shot prompt; without it, an interactive chat.")
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1))
@@ -33,17 +37,20 @@ def _err(text: str) -> None:
 @click.option("--prefill-step-size", default=2048, show_default=True, type=click.IntRange(1))
 @click.option("--context", default=4096, show_default=True, type=click.IntRange(1),
               help="Context length the split reserves KV cache for.")
+@functools.partial(discovery_options, with_peer=False)
 def run(model, peers, split, prompt, max_tokens, temp, top_p, seed, raw, as_json,
-        prefill_step_size, context):
+        prefill_step_size, context, interfaces, no_mdns, browse_timeout):
     """Split MODEL (a local model directory) across the nodes and generate."""
     try:
         config = read_config(model)
-        nodes = connect(list(peers))
+        addresses = list(peers) or discovered_addresses(
+            interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
+        nodes = connect(addresses)
         ranges = plan_ranges(model, nodes, split, context=context,
                              on_note=lambda t: _err(t))
         stages = load_ring(model, nodes, ranges, on_loaded=None if as_json else _say_loaded)
         chat = Chat(model)
-    except (StageLoadError, PeerError, SplitError) as e:
+    except (StageLoadError, PeerError, SplitError, SecretError) as e:
         raise click.ClickException(str(e)) from None
 
     pipeline = Pipeline(stages, prefill_step_size=prefill_step_size)

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from clusterd.cli.cluster_options import node_options, node_settings
 from clusterd.node.daemon import DaemonConfig, PortError, run_forever
 from clusterd.node.resources import parse_size
 
@@ -27,12 +28,13 @@ def _size(ctx, param, value):
 @click.option("--memory-limit", "memory_limit", default=None, callback=_size, metavar="SIZE",
               help="Pretend this node has only SIZE usable (e.g. 48G), to keep memory for other work.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
-def up(host, port, name, memory_limit, log_level):
+@node_options
+def up(host, port, name, memory_limit, log_level, **cluster):
     """Run the node daemon until Ctrl-C or `clusterd down`."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = DaemonConfig(host=host, port=port, name=name or socket.gethostname(),
-                          memory_limit=memory_limit)
+                          memory_limit=memory_limit, **node_settings(host, **cluster))
 
     def announce(daemon):
         r = daemon.resources

@@ -1,16 +1,21 @@
 """PeerHandle: the coordinator's client for one node. Every call has a
 deadline, and a failure becomes a PeerError that names the node."""
 
+import threading
+import time
 from typing import Iterator, Optional, Sequence
 
 import grpc
 
+from clusterd.security import explain_rpc_error
 from clusterd.wire import clusterd_pb2 as pb
 from clusterd.wire import clusterd_pb2_grpc as rpc
 from clusterd.wire.channel import open_channel
 
 INFO_TIMEOUT_S = 5.0
 LOAD_TIMEOUT_S = 3600.0  # a real R1 stage is ~130 GB read from disk
+PREPARE_TIMEOUT_S = 48 * 3600.0  # ~130 GB from the hub on a slow line
+PREPARE_IDLE_S = 60.0  # nodes report every 2 s while fetching
 
 
 class PeerError(RuntimeError):
@@ -43,7 +48,10 @@ class PeerHandle:
 
     def _error(self, method: str, e: grpc.RpcError) -> PeerError:
         code = e.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            who = self.address if self.name == self.address else f"{self.name} ({self.address})"
+            text = explain_rpc_error(e, who)
+        elif code == grpc.StatusCode.UNAVAILABLE:
             text = f"node {self.name} ({self.address}) is unreachable: {e.details()}"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             text = f"node {self.name} ({self.address}) did not answer {method} in time"
@@ -88,3 +96,39 @@ class PeerHandle:
 
     def shutdown(self) -> None:
         self._call("Shutdown", pb.ShutdownRequest(), 10.0)
+
+    # -- weight files -----------------------------------------------------------
+    def list_files(self, model: str, paths: Sequence[str] = (),
+                   with_sha256: bool = False) -> list[pb.FileEntry]:
+        # Hashing a file the node has never hashed reads all of it: a long deadline.
+        timeout = 600.0 if with_sha256 else 60.0
+        return list(self._call("ListFiles", pb.ListFilesRequest(
+            model=model, paths=list(paths), with_sha256=with_sha256), timeout).files)
+
+    def prepare_files(self, request: pb.PrepareFilesRequest) -> Iterator[pb.PrepareProgress]:
+        """The node's progress until it has every file or gives up. The node
+        reports at least every few seconds; silence for PREPARE_IDLE_S means
+        it is gone, and the call is cancelled."""
+        call = self._stub.PrepareFiles(request, timeout=PREPARE_TIMEOUT_S)
+        last = [time.monotonic()]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                if time.monotonic() - last[0] > PREPARE_IDLE_S:
+                    call.cancel()
+                    return
+
+        threading.Thread(target=watch, name="prepare-watch", daemon=True).start()
+        try:
+            for msg in call:
+                last[0] = time.monotonic()
+                yield msg
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and not done.is_set():
+                raise PeerError(self.address, f"node {self.name} ({self.address}) stopped "
+                                f"reporting while fetching files", e.code()) from None
+            raise self._error("PrepareFiles", e) from None
+        finally:
+            done.set()
+            call.cancel()

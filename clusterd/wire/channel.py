@@ -1,9 +1,11 @@
 """The one place client channels are made, so every client gets the same
 options (message size, keepalive) and the same credentials."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import grpc
+
+from clusterd.security import ClientSecurity, channel_credentials, tls_channel_options
 
 # A prefill chunk of R1 is 2048 x 7168 bf16 values (28 MiB); allow headroom.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -19,10 +21,20 @@ CHANNEL_OPTIONS = [
 
 
 def open_channel(
-    address: str, interceptors: Sequence[object] = ()
+    address: str,
+    interceptors: Sequence[object] = (),
+    security: Optional[ClientSecurity] = None,
 ) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    # discovery/security hook: credentials and auth interceptors go here.
+    """`security` None: the cluster secret (and TLS files) of this Mac's
+    clusterd folder or environment, so every client proves the secret."""
+    if security is None:
+        security = ClientSecurity.from_environment()
+    if security.tls.client_enabled:
+        channel = grpc.secure_channel(address, channel_credentials(security.tls),
+                                      options=CHANNEL_OPTIONS + tls_channel_options())
+    else:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    interceptors = (*security.interceptors(), *interceptors)
     if interceptors:
         channel = grpc.intercept_channel(channel, *interceptors)
     return channel
