@@ -8,11 +8,9 @@ from typing import Callable, Optional, Sequence
 
 from clusterd.coordinator.peers import PeerError, PeerHandle
 from clusterd.coordinator.pipeline import LoadedStage
+from clusterd.coordinator.placement import (  # noqa: F401  (the split lives there)
+    SplitError, parse_split, plan_ranges, ranges_from_counts)
 from clusterd.wire import clusterd_pb2 as pb
-
-
-class SplitError(ValueError):
-    """A requested split that cannot work; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -32,64 +30,25 @@ def connect(addresses: Sequence[str], interceptors=()) -> list[Node]:
     return [Node(p, i) for p, i in zip(peers, infos)]
 
 
-def parse_split(text: str, num_nodes: int, num_layers: int) -> list[int]:
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SplitError(f"--split {text!r}: give layer counts per node, e.g. 3,2,1") from None
-    if len(counts) != num_nodes:
-        raise SplitError(f"--split has {len(counts)} entries but there are {num_nodes} nodes")
-    if any(c < 1 for c in counts):
-        raise SplitError(f"--split {text}: every node needs at least one layer")
-    if sum(counts) != num_layers:
-        raise SplitError(f"--split {text} covers {sum(counts)} layers; the model has {num_layers}")
-    return counts
-
-
-def ranges_from_counts(counts: Sequence[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for c in counts:
-        out.append((start, start + c))
-        start += c
-    return out
-
-
-def load_ring(model_dir: Path, nodes: Sequence[Node], ranges: Sequence[tuple[int, int]],
-              on_loaded: Optional[Callable[[Node, pb.LoadShardReply], None]] = None
-              ) -> list[LoadedStage]:
-    """Load every stage at once; any failure names its node."""
-    model_dir = Path(model_dir).resolve()
+def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
+              ranges: Sequence[Optional[tuple[int, int]]],
+              on_loaded: Optional[Callable[[Node, pb.LoadShardReply], None]] = None,
+              *, model_id: str = "") -> list[LoadedStage]:
+    """Load every stage at once (a node whose range is None takes no part);
+    any failure names its node. With model_id (a repository id) each node
+    loads from its own model store, else every node reads model_dir."""
+    model_path = "" if model_id else str(Path(model_dir).resolve())
+    assignments = [(n, r) for n, r in zip(nodes, ranges) if r is not None]
 
     def load(i: int) -> LoadedStage:
-        start, end = ranges[i]
-        reply = nodes[i].peer.load_shard(pb.StageSpec(
-            model_path=str(model_dir), start_layer=start, end_layer=end,
-            stage_index=i, num_stages=len(nodes)))
+        node, (start, end) = assignments[i]
+        reply = node.peer.load_shard(pb.StageSpec(
+            model_path=model_path, model_id=model_id, start_layer=start, end_layer=end,
+            stage_index=i, num_stages=len(assignments)))
         if on_loaded:
-            on_loaded(nodes[i], reply)
-        return LoadedStage(nodes[i].peer, start, end, reply.shard.weight_bytes)
+            on_loaded(node, reply)
+        return LoadedStage(node.peer, start, end, reply.shard.weight_bytes)
 
-    with ThreadPoolExecutor(len(nodes)) as pool:
-        return list(pool.map(load, range(len(nodes))))
+    with ThreadPoolExecutor(len(assignments)) as pool:
+        return list(pool.map(load, range(len(assignments))))
 
-
-def plan_ranges(model_dir: Path, nodes: Sequence[Node], split: Optional[str], *,
-                context: int = 4096, on_note: Callable[[str], None] = lambda t: None
-                ) -> list[tuple[int, int]]:
-    """The layer range of each node: forced by --split, else the planner's."""
-    from clusterd.models.stage import read_config
-
-    num_layers = int(read_config(Path(model_dir))["num_hidden_layers"])
-    if split is not None:
-        return ranges_from_counts(parse_split(split, len(nodes), num_layers))
-    if len(nodes) > num_layers:
-        raise SplitError(f"{len(nodes)} nodes but the model has only {num_layers} layers")
-    # Memory-proportional until the planner decides.
-    usable = [max(n.info.usable_memory_bytes, 1) for n in nodes]
-    total = sum(usable)
-    counts = [max(1, round(num_layers * u / total)) for u in usable]
-    while sum(counts) > num_layers:
-        counts[counts.index(max(counts))] -= 1
-    while sum(counts) < num_layers:
-        counts[counts.index(min(counts))] += 1
-    return ranges_from_counts(counts)

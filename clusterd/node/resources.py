@@ -60,12 +60,11 @@ def _metal_limit() -> Optional[int]:
     return None
 
 
-def bandwidth_for_chip(chip: str) -> float:
-    try:
-        from shard_planner.hardware import bandwidth_for_chip_name
-    except ImportError:
-        return 0.0
-    return bandwidth_for_chip_name(chip) or 0.0
+def bandwidth_for_chip(chip: str, ram_bytes: int) -> float:
+    # The chip catalog knows the binned Max variants by their RAM size.
+    from shard_planner.hardware import bandwidth_for_chip_name
+
+    return bandwidth_for_chip_name(chip, ram_bytes) or 0.0
 
 
 def probe(memory_limit: Optional[int] = None, disk_path: Optional[Path] = None) -> Resources:
@@ -85,7 +84,7 @@ def probe(memory_limit: Optional[int] = None, disk_path: Optional[Path] = None) 
         chip=chip,
         total_bytes=total,
         usable_bytes=usable,
-        bandwidth_gbs=bandwidth_for_chip(chip),
+        bandwidth_gbs=bandwidth_for_chip(chip, int(vm.total)),
         free_disk_bytes=int(disk),
         platform=f"{platform.system()} {platform.machine()}",
     )

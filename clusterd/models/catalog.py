@@ -1,0 +1,129 @@
+"""Models known by name: their config.json (shipped, so `clusterd plan` works offline) and the
+published mlx-community conversions per quantization.
+
+A data table plus `resolve(name, quant)`. To add a model, put its config.json in
+clusterd/models/catalog/ and add a CatalogModel below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from shard_planner.model_spec import Quantization, parse_dtype
+
+CATALOG_DIR = Path(__file__).parent / "catalog"
+# mlx_lm.convert's default group size, for quantizations with no published conversion.
+MLX_DEFAULT_GROUP_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Published:
+    """One conversion on the Hugging Face hub."""
+
+    bits: int
+    group_size: int
+    repo: Optional[str]  # None: no published conversion known; convert it yourself
+    verified: bool  # the repository id was seen in public sources (the hub is not reachable here)
+    evidence: str = ""
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    name: str
+    config_file: str  # file name in CATALOG_DIR
+    description: str
+    published: tuple[Published, ...]
+    aliases: tuple[str, ...] = ()
+    default_bits: int = 4
+
+
+CATALOG: dict[str, CatalogModel] = {
+    "deepseek-r1": CatalogModel(
+        name="deepseek-r1",
+        config_file="deepseek-r1.json",  # deepseek-ai/DeepSeek-R1's config.json, unchanged
+        description="DeepSeek-R1 671B (MoE, 61 layers, MLA)",
+        aliases=("r1", "deepseek-ai/deepseek-r1"),
+        published=(
+            # Group size 32 is a judgement: the published sizes of these repositories (390.7 GB
+            # for 4-bit, ~336 GB for 3-bit, "126B" tensor elements for 4-bit) match group 32
+            # exactly and not 64. A downloaded model's own config.json always wins.
+            Published(4, 32, "mlx-community/DeepSeek-R1-4bit", True,
+                      "in mlx-swift-examples' model registry and exo's model list"),
+            Published(3, 32, "mlx-community/DeepSeek-R1-3bit", True,
+                      "default model of mlx-lm's pipeline_generate.py example"),
+            Published(8, MLX_DEFAULT_GROUP_SIZE, None, False,
+                      "no 8-bit mlx-community conversion found; mlx_lm.convert --q-bits 8"),
+        ),
+    ),
+}
+
+
+class CatalogError(ValueError):
+    """An unknown model name or quantization."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str
+    config: dict[str, Any]
+    quantization: Optional[Quantization]  # None: unquantized in ``dtype``
+    dtype: Optional[str]
+    repo: Optional[str]
+    verified: bool
+    note: str
+
+    @property
+    def label(self) -> str:
+        return self.quantization.label if self.quantization else (self.dtype or "bf16")
+
+
+def names() -> list[str]:
+    return sorted(CATALOG)
+
+
+def _find(name: str) -> tuple[CatalogModel, Optional[Published]]:
+    key = name.strip().lower()
+    for model in CATALOG.values():
+        if key == model.name or key in model.aliases:
+            return model, None
+        for pub in model.published:
+            if pub.repo and key == pub.repo.lower():
+                return model, pub
+    raise CatalogError(f"unknown model {name!r}: give a model folder or one of {', '.join(names())}")
+
+
+def load_config(name: str) -> dict[str, Any]:
+    model, _ = _find(name)
+    config: dict[str, Any] = json.loads((CATALOG_DIR / model.config_file).read_text())
+    return config
+
+
+def resolve(name: str, quant: Optional[str] = None) -> Resolved:
+    """A catalog name (or a published repository id) and a quantization such as '4bit',
+    '3bit', '4bit-g64' or 'bf16' -> config, exact quantization and repository."""
+    model, pub = _find(name)
+    config = load_config(model.name)
+    if quant is None:
+        if pub is not None:
+            q = Quantization(pub.bits, pub.group_size)
+            return Resolved(model.name, config, q, None, pub.repo, pub.verified, pub.evidence)
+        quant = f"{model.default_bits}bit"
+    dtype = parse_dtype(quant)
+    if dtype is not None:
+        return Resolved(model.name, config, None, dtype, None, False,
+                        "unquantized; no published conversion")
+    text = quant.strip().lower()
+    explicit_group = "-g" in text
+    try:
+        q = Quantization.parse(text, default_group_size=MLX_DEFAULT_GROUP_SIZE)
+    except ValueError as e:
+        raise CatalogError(str(e)) from None
+    for p in model.published:
+        if p.bits == q.bits and q.mode == "affine" and (not explicit_group or p.group_size == q.group_size):
+            q = Quantization(p.bits, p.group_size)
+            return Resolved(model.name, config, q, None, p.repo, p.verified, p.evidence)
+    return Resolved(model.name, config, q, None, None, False,
+                    f"no published {q.label} conversion; mlx_lm.convert can make one")

@@ -1,0 +1,20 @@
+"""Pure planning: model accounting, node resources, the layer split and its predicted speed.
+
+No mlx, grpc or numpy here: `clusterd plan` runs anywhere, before anything is downloaded.
+"""
+
+from shard_planner.hardware import NodeSpec, hypothetical_node, parse_node_arg
+from shard_planner.model_spec import (
+    ModelSpec,
+    Quantization,
+    model_spec_from_config,
+    model_spec_from_dir,
+)
+from shard_planner.planner import Plan, StagePlan, plan
+from shard_planner.simulate import Prediction, simulate
+
+__all__ = [
+    "ModelSpec", "NodeSpec", "Plan", "Prediction", "Quantization", "StagePlan",
+    "hypothetical_node", "model_spec_from_config", "model_spec_from_dir", "parse_node_arg",
+    "plan", "simulate",
+]
