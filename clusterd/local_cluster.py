@@ -82,6 +82,7 @@ class LocalCluster:
     count: int
     workdir: Optional[Path] = None
     extra: Sequence[str] = ()
+    prefix: str = "local"  # node names: local0, local1, ...
     nodes: list[LocalNode] = field(default_factory=list)
 
     def __enter__(self) -> "LocalCluster":
@@ -90,7 +91,8 @@ class LocalCluster:
         env = {SECRET_ENV: load_secret(clusterd_home(), create=True)}
         try:
             for i in range(self.count):
-                self.nodes.append(start_node(root, f"local{i}", extra=self.extra, env=env))
+                node = start_node(root, f"{self.prefix}{i}", extra=self.extra, env=env)
+                self.nodes.append(node)
         except BaseException:
             self.stop()
             raise

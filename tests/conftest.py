@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemons import Cluster, start_daemon  # noqa: E402
+from clusterd.local_cluster import LocalCluster  # noqa: E402
 
 # One cluster secret for the test run, shared by the test process and every
 # daemon it starts; and a clusterd folder of its own, never the user's.
@@ -31,6 +31,5 @@ def synthetic():
 def three_nodes(tmp_path_factory):
     """Three real daemon processes on loopback, shared by a test module."""
     tmp = tmp_path_factory.mktemp("nodes")
-    cluster = Cluster([start_daemon(tmp, f"node{i}") for i in range(3)])
-    yield cluster
-    cluster.stop()
+    with LocalCluster(3, workdir=tmp, prefix="node") as cluster:
+        yield cluster
