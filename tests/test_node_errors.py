@@ -181,3 +181,22 @@ def test_sigterm_releases_port_quickly(tmp_path):
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def test_clusterd_down_stops_this_macs_daemons(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {"CLUSTERD_HOME": str(home)}
+    nodes = [start_daemon(tmp_path, f"down{i}", env=env) for i in range(2)]
+    out = subprocess.run([sys.executable, "-m", "clusterd", "down"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    for n in nodes:
+        assert n.proc.wait(10) == 0
+        assert f"stopped the node at 127.0.0.1:{n.address.rsplit(':', 1)[1]}" in out.stdout
+    again = subprocess.run([sys.executable, "-m", "clusterd", "down"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, **env})
+    assert "No clusterd daemon is running" in again.stdout

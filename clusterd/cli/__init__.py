@@ -2,6 +2,14 @@
 
 import click
 
+from clusterd.cli.demo import demo
+from clusterd.cli.down import down
+from clusterd.cli.models import models, pull
+from clusterd.cli.nodes import nodes, secret, status
+from clusterd.cli.plan import plan
+from clusterd.cli.run import run
+from clusterd.cli.up import up
+
 
 @click.group()
 @click.version_option(package_name="clusterd")
@@ -9,20 +17,5 @@ def main() -> None:
     """Run very large models across the pooled memory of several Macs."""
 
 
-from clusterd.cli.up import up  # noqa: E402
-
-main.add_command(up)
-
-from clusterd.cli.run import run  # noqa: E402
-
-main.add_command(run)
-
-from clusterd.cli.nodes import nodes, secret, status  # noqa: E402
-
-main.add_command(nodes)
-main.add_command(status)
-main.add_command(secret)
-
-from clusterd.cli.demo import demo  # noqa: E402
-
-main.add_command(demo)
+for command in (up, nodes, status, plan, models, pull, run, demo, down, secret):
+    main.add_command(command)

@@ -3,17 +3,16 @@
 import functools
 import json
 import sys
-from pathlib import Path
 
 import click
 
 from clusterd.cli.cluster_options import discovered_addresses, discovery_options
+from clusterd.cli.models import ERRORS as FETCH_ERRORS
+from clusterd.cli.models import fetch_options, files_for_plan, model_source
 from clusterd.coordinator.chat import Chat
-from clusterd.coordinator.cluster import SplitError, connect, load_ring, plan_ranges
-from clusterd.coordinator.peers import PeerError
+from clusterd.coordinator.cluster import connect, load_ring
 from clusterd.coordinator.pipeline import GenerationError, GenerationStats, Pipeline, Sampling
 from clusterd.models.stage import StageLoadError, read_config
-from clusterd.security import SecretError
 
 
 def _err(text: str) -> None:
@@ -21,7 +20,8 @@ def _err(text: str) -> None:
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model")
+@fetch_options
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
               help="A node to use (repeat; the ring follows this order). "
                    "Without --peer, the nodes mDNS finds are used.")
@@ -38,19 +38,26 @@ def _err(text: str) -> None:
 @click.option("--context", default=4096, show_default=True, type=click.IntRange(1),
               help="Context length the split reserves KV cache for.")
 @functools.partial(discovery_options, with_peer=False)
-def run(model, peers, split, prompt, max_tokens, temp, top_p, seed, raw, as_json,
-        prefill_step_size, context, interfaces, no_mdns, browse_timeout):
-    """Split MODEL (a local model directory) across the nodes and generate."""
+def run(model, quant, yes, ask_above, peers, split, prompt, max_tokens, temp, top_p, seed, raw,
+        as_json, prefill_step_size, context, interfaces, no_mdns, browse_timeout):
+    """Split MODEL across the nodes and generate. MODEL is a name from
+    `clusterd models` (with --quant), a repository id, or a model folder every
+    node can read. Nodes fetch what they lack first (see `clusterd pull`)."""
     try:
-        config = read_config(model)
+        source = model_source(model, quant, _err)
+        if source.local_dir is not None:
+            read_config(source.local_dir)  # a bad folder fails before any node is asked
         addresses = list(peers) or discovered_addresses(
             interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
         nodes = connect(addresses)
-        ranges = plan_ranges(model, nodes, split, context=context,
-                             on_note=lambda t: _err(t))
-        stages = load_ring(model, nodes, ranges, on_loaded=None if as_json else _say_loaded)
-        chat = Chat(model)
-    except (StageLoadError, PeerError, SplitError, SecretError) as e:
+        model_dir, model_id, ranges = files_for_plan(
+            source, nodes, split, context, yes=yes, ask_above=ask_above,
+            show=not as_json, say=_err, prefill_step_size=prefill_step_size)
+        config = read_config(model_dir)
+        stages = load_ring(model_dir, nodes, ranges, on_loaded=None if as_json else _say_loaded,
+                           model_id=model_id)
+        chat = Chat(model_dir)
+    except (StageLoadError, *FETCH_ERRORS) as e:
         raise click.ClickException(str(e)) from None
 
     pipeline = Pipeline(stages, prefill_step_size=prefill_step_size)

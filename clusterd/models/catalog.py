@@ -58,7 +58,73 @@ CATALOG: dict[str, CatalogModel] = {
                       "no 8-bit mlx-community conversion found; mlx_lm.convert --q-bits 8"),
         ),
     ),
+    # Same architecture and config.json as R1 (V3 is R1's base model; 0528 is a later R1
+    # checkpoint): they share R1's shipped config. Group sizes of these conversions are
+    # not published where we could read them: V3's follows R1's (same converter, same
+    # month), 0528's is mlx_lm.convert's default. A downloaded config.json always wins.
+    "deepseek-r1-0528": CatalogModel(
+        name="deepseek-r1-0528",
+        config_file="deepseek-r1.json",
+        description="DeepSeek-R1-0528 671B (R1 architecture, May 2025 checkpoint)",
+        aliases=("r1-0528", "deepseek-ai/deepseek-r1-0528"),
+        published=(
+            Published(4, MLX_DEFAULT_GROUP_SIZE, "mlx-community/DeepSeek-R1-0528-4bit", True,
+                      "in a public project's model table; group size unverified"),
+            Published(8, MLX_DEFAULT_GROUP_SIZE, "mlx-community/DeepSeek-R1-0528-8bit", True,
+                      "exo's model cards; group size unverified"),
+            Published(3, MLX_DEFAULT_GROUP_SIZE, None, False,
+                      "no 3-bit mlx-community conversion found; mlx_lm.convert --q-bits 3"),
+        ),
+    ),
+    "deepseek-v3": CatalogModel(
+        name="deepseek-v3",
+        config_file="deepseek-r1.json",
+        description="DeepSeek-V3 671B (R1's base model, same architecture)",
+        aliases=("v3", "deepseek-ai/deepseek-v3"),
+        published=(
+            Published(4, 32, "mlx-community/DeepSeek-V3-4bit", True,
+                      "exo's model list; group size assumed as R1-4bit's"),
+            Published(3, 32, "mlx-community/DeepSeek-V3-3bit", True,
+                      "exo's model list; group size assumed as R1-3bit's"),
+        ),
+    ),
 }
+
+# The R1 distills: dense Qwen2 / Llama models. Their config.json files here are written
+# from the values deepseek-ai published (not downloaded: the hub is unreachable where this
+# was written), only the fields mlx-lm and the planner read. Repositories as listed in
+# exo's model list (mlx_lm.convert, default group size 64).
+_DISTILLS = {
+    "deepseek-r1-distill-qwen-1.5b": ("DeepSeek-R1-Distill-Qwen-1.5B", "1.5B dense, Qwen2, 28 layers",
+                                      {8: "DeepSeek-R1-Distill-Qwen-1.5B-8bit"}),
+    "deepseek-r1-distill-qwen-7b": ("DeepSeek-R1-Distill-Qwen-7B", "7B dense, Qwen2, 28 layers", {}),
+    "deepseek-r1-distill-qwen-14b": ("DeepSeek-R1-Distill-Qwen-14B", "14B dense, Qwen2, 48 layers",
+                                     {}),
+    "deepseek-r1-distill-qwen-32b": ("DeepSeek-R1-Distill-Qwen-32B", "32B dense, Qwen2, 64 layers",
+                                     {8: "DeepSeek-R1-Distill-Qwen-32B-MLX-8Bit"}),
+    "deepseek-r1-distill-llama-8b": ("DeepSeek-R1-Distill-Llama-8B", "8B dense, Llama, 32 layers",
+                                     {}),
+    "deepseek-r1-distill-llama-70b": ("DeepSeek-R1-Distill-Llama-70B",
+                                      "70B dense, Llama, 80 layers", {}),
+}
+
+
+def _distill(name: str, base: str, what: str, odd: dict[int, str]) -> CatalogModel:
+    return CatalogModel(
+        name=name,
+        config_file=f"{name}.json",
+        description=f"{base} ({what}; distilled from R1, not R1)",
+        aliases=(f"deepseek-ai/{base.lower()}", name.removeprefix("deepseek-")),
+        published=tuple(
+            Published(bits, MLX_DEFAULT_GROUP_SIZE,
+                      f"mlx-community/{odd.get(bits, f'{base}-{bits}bit')}", True,
+                      "exo's model list" + ("; also in several apps' model lists"
+                                            if bits == 4 else ""))
+            for bits in (4, 3, 6, 8)),
+    )
+
+
+CATALOG.update({name: _distill(name, *entry) for name, entry in _DISTILLS.items()})
 
 
 class CatalogError(ValueError):

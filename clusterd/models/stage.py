@@ -7,7 +7,6 @@ pipeline of stages computes exactly what one process computes.
 """
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,12 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
+from clusterd.models.files import FileCheckError, check_safetensors, is_inside_name, tensor_wanted
+
 # The only per-architecture fact a stage needs: DeepSeek's MLA attention takes
 # its causal mask as an array (it adds rope scores to it), the others accept
 # mlx's "causal" shortcut. Their layers are all called as layer(h, mask, cache).
 MASK_AS_ARRAY = {"deepseek_v3": True, "qwen2": False, "llama": False}
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class StageLoadError(ValueError):
@@ -113,14 +112,8 @@ def _load_file(file: Path) -> dict[str, mx.array]:
 
 
 def _wanted(key: str, bounds: StageBounds, tied: bool) -> bool:
-    m = _LAYER_KEY.search(key)
-    if m is not None:
-        return bounds.start <= int(m.group(1)) < bounds.end
-    if "embed_tokens" in key:
-        return bounds.first or (bounds.last and tied)
-    if key.startswith("lm_head") or key.startswith("model.norm"):
-        return bounds.last
-    return False
+    # One rule, shared with the per-stage file selection (models/files.py).
+    return tensor_wanted(key, bounds.start, bounds.end, bounds.num_layers, tied)
 
 
 def read_config(path: Path) -> dict:
@@ -161,10 +154,15 @@ def load_stage(path: Path, start: int, end: int, max_bytes: int | None = None) -
     index = read_weight_index(path)
     weights: dict[str, mx.array] = {}
     for file in sorted({f for k, f in index.items() if _wanted(k, bounds, tied)}):
-        if not (path / file).resolve().is_relative_to(path):
+        # By name: in the Hugging Face cache layout every file is a symlink to ../../blobs.
+        if not is_inside_name(file):
             raise StageLoadError(f"weight file {file!r} is outside the model directory")
         if not (path / file).is_file():
             raise StageLoadError(f"weight file {file} is missing from {path}")
+        try:  # never load a truncated or corrupt file: its header and size must agree
+            check_safetensors(path / file)
+        except FileCheckError as e:
+            raise StageLoadError(str(e)) from None
         weights.update(
             (k, v) for k, v in _load_file(path / file).items() if _wanted(k, bounds, tied)
         )

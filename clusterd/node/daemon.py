@@ -14,6 +14,7 @@ import grpc
 from clusterd.discovery import Advertiser
 from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore
+from clusterd.node import runfile
 from clusterd.node.executor import Executor
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
@@ -163,9 +164,13 @@ def run_forever(config: DaemonConfig, announce) -> int:
     daemon.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: daemon.stop_requested.set())
-    announce(daemon)
-    daemon.wait()
-    daemon.stop()
+    record = runfile.write(clusterd_home(), daemon.port, config.host, config.name)
+    try:
+        announce(daemon)
+        daemon.wait()
+        daemon.stop()
+    finally:
+        runfile.remove(record)
     return 0
 
 

@@ -6,7 +6,6 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -14,8 +13,11 @@ import mlx.core as mx
 import psutil
 
 from clusterd.models.stage import StageLoadError
+from clusterd.home import clusterd_home
+from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
 from clusterd.node.resources import Resources
+from clusterd.node.sources import ModelMissing, NodeFiles, Stubs
 from clusterd.wire import PROTOCOL_VERSION
 from clusterd.wire import clusterd_pb2 as pb
 from clusterd.wire import clusterd_pb2_grpc as rpc
@@ -35,6 +37,7 @@ class NodeService(rpc.NodeServicer):
         executor: Executor,
         on_shutdown: Callable[[], None],
         on_change: Callable[[], None] = lambda: None,
+        files=None,  # NodeFiles: the model store and node-to-node transfers
     ):
         self.node_id = node_id
         self.name = name
@@ -44,6 +47,9 @@ class NodeService(rpc.NodeServicer):
         self._on_shutdown = on_shutdown
         self._on_change = on_change
         self._stopping = threading.Event()
+        if files is None:
+            files = NodeFiles(name, ModelStore(), clusterd_home() / "hashes", Stubs())
+        self.files = files
 
     # -- identity and health --------------------------------------------------
     def state(self) -> str:
@@ -92,11 +98,18 @@ class NodeService(rpc.NodeServicer):
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
         spec = request.stage
-        if not spec.model_path:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadShard needs a model_path")
-        log.info("loading layers [%d, %d) of %s", spec.start_layer, spec.end_layer, spec.model_path)
+        if not spec.model_path and not spec.model_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "LoadShard needs a model_path or a model_id")
         try:
-            stage = self.executor.load(Path(spec.model_path), spec.start_layer, spec.end_layer,
+            path = self.files.stage_dir(spec)  # model_id: the node's own model store
+        except ModelMissing as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except StoreError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
+        log.info("loading layers [%d, %d) of %s", spec.start_layer, spec.end_layer, path)
+        try:
+            stage = self.executor.load(path, spec.start_layer, spec.end_layer,
                                        max_bytes=self.resources.usable_bytes)
         except Busy as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
@@ -147,18 +160,41 @@ class NodeService(rpc.NodeServicer):
         if s is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"unknown session {request.session_id!r} on node {self.name}")
+        finished = threading.Event()
+
+        def on_rpc_end() -> None:
+            # The coordinator went away mid-session (it died, or its link
+            # did): free this stage's caches now, not at the idle timeout.
+            # A callback, because a stream blocked in `yield` never resumes.
+            if not finished.is_set() and self.executor.sessions.end(
+                    request.session_id, "the coordinator went away") is not None:
+                log.info("session %s: coordinator gone, caches freed", request.session_id)
+
+        context.add_callback(on_rpc_end)
         while context.is_active():
             try:
                 event = s.events.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if event.done:
+                finished.set()
             yield event
             if event.done:
                 return
 
     def EndSession(self, request, context):
-        freed = self.executor.sessions.end(request.session_id)
+        freed = self.executor.sessions.end(request.session_id) or 0
         return pb.EndSessionReply(freed_bytes=freed)
+
+    # -- weight files (clusterd/node/sources.py, transfer.py) -------------------
+    def ListFiles(self, request, context):
+        return self.files.list_files(request, context)
+
+    def FetchFile(self, request, context):
+        yield from self.files.fetch_file(request, context)
+
+    def PrepareFiles(self, request, context):
+        yield from self.files.prepare_files(request, context)
 
     def Shutdown(self, request, context):
         self._stopping.set()

@@ -58,11 +58,12 @@ class SessionTable:
         with self._lock:
             return self._sessions.get(session_id)
 
-    def end(self, session_id: str, reason: str = "ended") -> int:
+    def end(self, session_id: str, reason: str = "ended") -> Optional[int]:
+        """Bytes freed, or None when there was no such session."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
         if s is None:
-            return 0
+            return None
         freed = s.kv_bytes
         _finish(s, "error" if reason != "ended" else "stop", "" if reason == "ended" else reason)
         return freed
@@ -70,7 +71,7 @@ class SessionTable:
     def end_all(self, reason: str) -> int:
         with self._lock:
             ids = list(self._sessions)
-        return sum(self.end(i, reason) for i in ids)
+        return sum(self.end(i, reason) or 0 for i in ids)
 
     def expire(self, now: Optional[float] = None) -> list[str]:
         """End sessions idle longer than their timeout (a vanished coordinator)."""
