@@ -17,3 +17,12 @@ def mlx_lm_greedy(path: Path, prompt: list[int], max_tokens: int, prefill_step_s
                   stop_ids: tuple[int, ...] = ()) -> list[int]:
     return reference.mlx_lm_greedy(path, prompt, max_tokens, prefill_step_size, stop_ids,
                                    model=_model(str(path)))
+
+
+def mlx_lm_text(tokenizer, tokens: list[int]) -> str:
+    """mlx-lm's own detokenization of an answer, as mlx_lm.generate prints it."""
+    detok = tokenizer.detokenizer
+    for t in tokens:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text

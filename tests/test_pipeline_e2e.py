@@ -10,7 +10,7 @@ import pytest
 from clusterd.coordinator.cluster import connect, load_ring, ranges_from_counts
 from clusterd.coordinator.pipeline import GenerationStats, Pipeline, Sampling
 from clusterd.models.stage import read_config
-from reference import mlx_lm_greedy
+from reference import mlx_lm_greedy, mlx_lm_text
 
 NEW_TOKENS = 64
 CHUNK = 16  # small prefill chunks so a 40-token prompt spans three of them
@@ -93,7 +93,7 @@ def test_cli_run_json_matches_mlx_lm(three_nodes, deepseek):
     assert report["prompt_tokens"] == len(prompt)
     assert report["tokens"] == mlx_lm_greedy(deepseek, prompt, NEW_TOKENS, 2048,
                                              stop_ids=tuple(tok.eos_token_ids))
-    assert report["text"] == tok.decode(report["tokens"])
+    assert report["text"] == mlx_lm_text(tok, report["tokens"])
     stages = report["stages"]
     assert [s["node"] for s in stages] == ["node0", "node1", "node2"]
     assert stages[0]["layers"][0] == 0
@@ -125,3 +125,14 @@ def test_seeded_sampling_matches_mlx_lm_with_the_same_seed(three_nodes, deepseek
                                             sampler=make_sampler(0.6, 0.95))]
     assert runs[7] == expected
     assert runs[8] != runs[7]
+
+
+def test_streamed_text_is_the_decoded_tokens(deepseek):
+    """What `run` streams to the terminal, piece by piece, is the decoded answer."""
+    from clusterd.coordinator.chat import Chat
+
+    chat = Chat(deepseek)
+    tokens = mlx_lm_greedy(deepseek, PROMPTS["multi-chunk"], NEW_TOKENS, CHUNK)
+    pieces = list(chat.stream_text(iter(tokens)))
+    assert len(pieces) > 1
+    assert "".join(pieces) == mlx_lm_text(chat.tokenizer, tokens) != ""

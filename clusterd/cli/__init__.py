@@ -8,6 +8,7 @@ from clusterd.cli.models import models, pull
 from clusterd.cli.nodes import nodes, secret, status
 from clusterd.cli.plan import plan
 from clusterd.cli.run import run
+from clusterd.cli.serve import serve
 from clusterd.cli.up import up
 
 
@@ -17,5 +18,9 @@ def main() -> None:
     """Run very large models across the pooled memory of several Macs."""
 
 
-for command in (up, nodes, status, plan, models, pull, run, demo, down, secret):
+for command in (up, nodes, status, plan, models, pull, run, serve, demo, down, secret):
     main.add_command(command)
+
+from clusterd.cli.bench import bench  # noqa: E402
+
+main.add_command(bench)

@@ -25,15 +25,18 @@ class Chat:
 
     def stream_text(self, tokens: Iterable[int]) -> Iterator[str]:
         """Text pieces as tokens arrive (never splits a multi-byte character)."""
-        detok = self.tokenizer.detokenizer
-        detok.reset()
+        detok = self.tokenizer.detokenizer  # a fresh copy per access
         for t in tokens:
             detok.add_token(t)
-            if detok.last_segment:
-                yield detok.last_segment
+            piece = detok.last_segment  # reading it consumes it
+            if piece:
+                yield piece
         detok.finalize()
-        if detok.last_segment:
-            yield detok.last_segment
+        piece = detok.last_segment
+        if piece:
+            yield piece
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens)
+        """The text streaming shows (mlx-lm's detokenizer: a leading space of
+        the answer is dropped, as mlx_lm.generate does)."""
+        return "".join(self.stream_text(tokens))
