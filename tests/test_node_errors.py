@@ -109,23 +109,23 @@ def test_token_ids_outside_vocabulary(peer, model):
 
 def test_second_load_while_loading_is_refused(peer, synthetic):
     big = synthetic("deepseek_v3", "small")
-    errors, done = [], []
-    results = {}
+    errors = []
 
-    def load(i):
+    def load(start):
         try:
-            results[i] = peer.load_shard(stage(big, 0, 4))
+            peer.load_shard(stage(big, start, start + 4))
         except PeerError as e:
             errors.append(e)
 
-    # Overlap is certain only while the first load runs; retry a few times.
-    for _ in range(5):
+    # Overlap is certain only while the first load runs; retry a few times,
+    # each time with another range (the shard already held loads at once).
+    for attempt in range(6):
         errors.clear()
-        first = threading.Thread(target=load, args=(0,))
+        first = threading.Thread(target=load, args=(4 * (attempt % 2),))
         first.start()
         while peer.health().state != "loading" and first.is_alive():
             time.sleep(0.001)
-        load(1)
+        load(8)
         first.join()
         if errors:
             break
@@ -200,3 +200,13 @@ def test_clusterd_down_stops_this_macs_daemons(tmp_path):
     again = subprocess.run([sys.executable, "-m", "clusterd", "down"], capture_output=True,
                            text=True, timeout=60, env={**os.environ, **env})
     assert "No clusterd daemon is running" in again.stdout
+
+
+def test_loading_the_same_shard_again_keeps_it_and_its_sessions(peer, model):
+    first = peer.load_shard(stage(model, 0, 2))
+    peer.open_session(pb.OpenSessionRequest(session_id="kept", next_address="127.0.0.1:1"))
+    again = peer.load_shard(stage(model, 0, 2))
+    assert again.shard == first.shard
+    assert [s.session_id for s in peer.info().sessions] == ["kept"]
+    other = peer.load_shard(stage(model, 0, 3))  # a different range is a real reload
+    assert other.shard.end_layer == 3 and not peer.info().sessions
