@@ -36,6 +36,8 @@ class Executor:
         self.stage: Optional[StageModel] = None
         self.load_seconds = 0.0
         self._next_hop = next_hop  # address -> stub with .Forward
+        # One sender thread per next hop, made once (touched by the compute thread only).
+        self._senders: dict[str, "_Sender"] = {}
         self._jobs: "queue.Queue[Any]" = queue.Queue()
         self._loading = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
@@ -69,6 +71,8 @@ class Executor:
         self.sessions.end_all("node is shutting down")
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        for sender in list(self._senders.values()):
+            sender.put(None, None)
 
     # -- shards -------------------------------------------------------------
     @property
@@ -79,6 +83,10 @@ class Executor:
         if not self._loading.acquire(blocking=False):
             raise Busy("a load is already in progress on this node; wait for it to finish")
         try:
+            current = self.stage
+            if (current is not None and current.path == Path(path).resolve()
+                    and (current.bounds.start, current.bounds.end) == (start, end)):
+                return current  # already held: the next run starts at once
             self.unload()  # never hold two shards: the old one is freed first
             t0 = time.monotonic()
             stage = self.call(lambda: load_stage(path, start, end, max_bytes=max_bytes))
@@ -145,8 +153,9 @@ class Executor:
         h = stage.forward(x, s.caches)
         if not stage.bounds.last:
             mx.eval(h)
-            self._send(s, pb.Activation(
-                session_id=s.session_id, step=act.step, hidden=to_wire(h), sample=act.sample))
+            out = pb.Activation(session_id=s.session_id, step=act.step, sample=act.sample)
+            to_wire(h, out=out.hidden)  # in place: one copy of the data, not two
+            self._send(s, out)
             return
         if not act.sample:  # a prefill chunk: only the caches matter
             mx.eval([c.state for c in s.caches])
@@ -170,12 +179,44 @@ class Executor:
         if not s.next_address:  # a one-stage ring: the next stage is us
             self.enqueue(act)
             return
-        try:
-            self._next_hop(s.next_address).Forward(act, timeout=HOP_TIMEOUT_S)
-        except grpc.RpcError as e:
-            self._fail(s, f"node {self.node_name} could not reach the next stage at "
-                          f"{s.next_address}: {e.code().name}: {e.details()}")
+        # A long-lived thread per next hop makes the (blocking) call, so the
+        # compute thread goes back to work at once and one hop's calls stay in
+        # order. Not grpc's future(): it starts a polling thread whenever no
+        # other call is in flight, i.e. on every decode hop (+0.25 ms measured).
+        sender = self._senders.get(s.next_address)
+        if sender is None:
+            sender = self._senders[s.next_address] = _Sender(self, s.next_address)
+        sender.put(s, act)
+
+    def _hop_failed(self, s: Session, e: grpc.RpcError) -> None:
+        self._fail(s, f"node {self.node_name} could not reach the next stage at "
+                      f"{s.next_address}: {e.code().name}: {e.details()}")
 
     def _fail(self, s: Session, message: str) -> None:
         s.events.put(pb.TokenEvent(done=True, finish_reason="error", error=message))
         self.sessions.end(s.session_id, reason=message)
+
+
+class _Sender:
+    """Sends one next hop's activations, in the order the compute thread made them."""
+
+    def __init__(self, executor: Executor, address: str):
+        self._executor = executor
+        self._address = address
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        threading.Thread(target=self._run, name=f"send {address}", daemon=True).start()
+
+    def put(self, s: Optional[Session], act: Optional[pb.Activation]) -> None:
+        self._queue.put((s, act))
+
+    def _run(self) -> None:
+        while True:
+            s, act = self._queue.get()
+            if act is None:
+                return
+            if s.closed:
+                continue  # ended (or failed) meanwhile
+            try:
+                self._executor._next_hop(self._address).Forward(act, timeout=HOP_TIMEOUT_S)
+            except grpc.RpcError as e:
+                self._executor._hop_failed(s, e)

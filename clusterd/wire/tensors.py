@@ -1,10 +1,13 @@
 """Tensors on the wire: raw little-endian bytes + dtype + shape, no pickles.
 
 MLX arrays expose the buffer protocol, so encoding is one copy into the
-protobuf bytes field and decoding is one copy out of it.
+protobuf bytes field and decoding is one copy out of it. Protobuf copies a
+message passed as a field value, and (upb) copies a bytes field on every
+read: fill the Tensor in place (`out=`) and read `data` once.
 """
 
 import math
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -28,14 +31,24 @@ def dtype_name(dtype: mx.Dtype) -> str:
     raise TensorError(f"dtype {dtype} cannot travel on the wire (use one of {sorted(_MLX)})")
 
 
-def to_wire(a: mx.array) -> pb.Tensor:
+def to_wire(a: mx.array, out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """`out`: a Tensor field to fill in place, e.g. `act.hidden` (passing a
+    new Tensor to Activation(hidden=...) would copy the data once more)."""
     name = dtype_name(a.dtype)
     raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
-    return pb.Tensor(data=bytes(memoryview(raw)), dtype=name, shape=list(a.shape))
+    t = pb.Tensor() if out is None else out
+    t.data = bytes(memoryview(raw))
+    t.dtype = name
+    t.shape[:] = list(a.shape)
+    return t
 
 
 def check(t: pb.Tensor) -> tuple[int, ...]:
     """Validate a tensor message without decoding it; returns its shape."""
+    return _check(t, len(t.data))
+
+
+def _check(t: pb.Tensor, nbytes: int) -> tuple[int, ...]:
     if t.dtype not in _NUMPY:
         raise TensorError(f"unknown tensor dtype {t.dtype!r} (expected one of {sorted(_NUMPY)})")
     shape = tuple(t.shape)
@@ -45,15 +58,17 @@ def check(t: pb.Tensor) -> tuple[int, ...]:
     if count > MAX_ELEMENTS:
         raise TensorError(f"tensor shape {list(shape)} is too large")
     itemsize = np.dtype(_NUMPY[t.dtype]).itemsize
-    if len(t.data) != count * itemsize:
+    if nbytes != count * itemsize:
         raise TensorError(
-            f"tensor data is {len(t.data)} bytes but shape {list(shape)} of {t.dtype} "
+            f"tensor data is {nbytes} bytes but shape {list(shape)} of {t.dtype} "
             f"needs {count * itemsize}"
         )
     return shape
 
 
 def from_wire(t: pb.Tensor) -> mx.array:
-    shape = check(t)
-    arr = mx.array(np.frombuffer(t.data, dtype=_NUMPY[t.dtype]).reshape(shape))
+    data = t.data  # one read: each one is a copy
+    shape = _check(t, len(data))
+    # frombuffer is a view; mx.array makes the one copy MLX needs anyway.
+    arr = mx.array(np.frombuffer(data, dtype=_NUMPY[t.dtype]).reshape(shape))
     return arr.view(mx.bfloat16) if t.dtype == "bfloat16" else arr
