@@ -176,8 +176,10 @@ def test_run_finds_the_nodes_by_mdns(lab, cluster, synthetic):
 
     model = synthetic("deepseek_v3", "tiny")
     prompt = "Why is the sky blue?"
+    # A forced split, so every discovered node must take part (the planner
+    # alone would put a model this small on the biggest node).
     out = clusterd(lab, "run", str(model), "--prompt", prompt, "--max-tokens", "16",
-                   "--temp", "0", "--json", timeout=300)
+                   "--temp", "0", "--json", "--split", "2,2,2", timeout=300)
     report = json.loads(out.stdout)
     stages = report["stages"]
     assert sorted(s["address"] for s in stages) == [f"10.77.0.{i}:50051" for i in (1, 2, 3)]
