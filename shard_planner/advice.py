@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from shard_planner.hardware import NodeSpec
 from shard_planner.model_spec import ModelSpec, Quantization, UnsupportedModel
+from shard_planner.planner import placeable
 
 if TYPE_CHECKING:
     from shard_planner.planner import Plan, StageCosts
@@ -121,17 +122,6 @@ def _fit_advice(p: "Plan", costs: "StageCosts", now: Sequence[int], raised: Sequ
     return out
 
 
-def _placeable(costs: "StageCosts", budgets: Sequence[int]) -> int:
-    """How many leading layers the nodes can hold, each taking as many as it can."""
-    s = 0
-    for budget in budgets:
-        e = s
-        while e < costs.n and costs.need_tab[s][e + 1] <= budget:
-            e += 1
-        s = e
-    return s
-
-
 def _need_parts(costs: "StageCosts", raised: Sequence[int]) -> tuple[int, int, int, int]:
     """(weights, KV, workspace, stages): the least a split over every usable node needs."""
     n = costs.n
@@ -171,7 +161,7 @@ def _infeasible_advice(p: "Plan", costs: "StageCosts", now: Sequence[int],
                "after reserves and headroom."]
     else:
         out = [f"Does not fit: the nodes offer {_gib(have)} for {_gib(weights + kv + work)}, but "
-               f"whole layers do not pack: in order they hold at most {_placeable(costs, raised)} "
+               f"whole layers do not pack: in order they hold at most {placeable(costs, raised)} "
                f"of the {costs.n} layers (each stage also needs its own prefill working memory)."]
         short = 0
     # A lower quantization of the same model.

@@ -234,18 +234,21 @@ def solve(costs: StageCosts, nodes: Sequence[NodeSpec], budgets: Sequence[int],
     return out[::-1]
 
 
-def feasible(costs: StageCosts, budgets: Sequence[int]) -> bool:
-    """Whether any split fits: greedy, each node in order takes as many layers as it can,
-    which is optimal for feasibility because a stage's need only grows with its range."""
+def placeable(costs: StageCosts, budgets: Sequence[int]) -> int:
+    """How many leading layers the nodes hold in order, each taking as many as it can."""
     s = 0
     for budget in budgets:
         e = s
         while e < costs.n and costs.need_tab[s][e + 1] <= budget:
             e += 1
         s = e
-        if s == costs.n:
-            return True
-    return False
+    return s
+
+
+def feasible(costs: StageCosts, budgets: Sequence[int]) -> bool:
+    """Whether any split fits: greedy placement is optimal for feasibility because a
+    stage's need only grows with its range."""
+    return placeable(costs, budgets) == costs.n
 
 
 def _wired_mb(node: NodeSpec, need: int, headroom: float, cap: int) -> int:
