@@ -1,4 +1,4 @@
-"""Tokens/sec per cluster layout against mlx-lm: `clusterd bench` (see docs/bench.md).
+"""Tokens/sec per cluster layout against mlx-lm: `clusterd bench` (see the README, "Benchmarks").
 
     python benchmarks/bench_layouts.py [MODEL] [clusterd bench options]
 """

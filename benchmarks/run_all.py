@@ -1,4 +1,4 @@
-"""Every run whose results are committed in benchmarks/results/ (docs/bench.md
+"""Every run whose results are committed in benchmarks/results/ (the README, "Benchmarks"
 quotes them), one after another. Check `uptime` first: on a shared machine,
 run when the load average is low.
 

@@ -361,7 +361,7 @@ class TlsFiles:
     """PEM files for TLS. Every node presents `cert`/`key`; every client
     (the coordinator, and each node calling the next stage) checks it against
     `ca`. One cluster-wide self-signed certificate with subjectAltName
-    DNS:clusterd works as both cert and CA (see docs/cluster.md)."""
+    DNS:clusterd works as both cert and CA (see the README, "TLS")."""
 
     cert: Optional[Path] = None
     key: Optional[Path] = None

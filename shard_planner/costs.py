@@ -21,7 +21,7 @@ class LinkSpec:
         return nbytes * 8 / (self.bandwidth_gbps * 1e9)
 
 
-# Figures from docs/planner.md's link table (Geerling, pico.scorpiox, georgiedekker mlx-ring,
+# Figures from the link table of the README's planning section (Geerling, pico.scorpiox, georgiedekker mlx-ring,
 # labscommunity/cascadia, NetworkChuck, mlx docs). 10GbE, 1GbE and Wi-Fi latencies are typical
 # LAN figures, not measurements from those sources: treat them as assumptions.
 LINKS: dict[str, LinkSpec] = {

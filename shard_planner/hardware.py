@@ -1,6 +1,6 @@
 """Node resources, and a catalog of Apple chips for planning with hypothetical nodes.
 
-Bandwidth and RAM options are from docs/planner.md's sources (llama.cpp PR #1642,
+Bandwidth and RAM options are from public sources (llama.cpp PR #1642,
 huggingface.js hardware.ts, Apple specs via press). For a live node, usable memory is the GPU
 wired limit the node reads at run time; the wired fraction here is only for hypothetical nodes.
 """

@@ -140,7 +140,7 @@ def simulate(p: Plan, link: str | LinkSpec | None = None, *,
 
 
 # ---------------------------------------------------------------------------------------
-# Published results (docs/planner.md, "Published results to compare against")
+# Published results (the README, "Predicted speed, next to published results")
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def print_predictions(res: dict, console: Console) -> None:
                   _rate(r.get("decode_tok_s_measured_overhead")),
                   "; ".join(r["published"]) if first else "", end_section=False)
     console.print(t)
-    a = Table(title="published results (docs/planner.md) next to the planner's prediction")
+    a = Table(title="published results (README, 'Predicted speed') next to the planner's prediction")
     for col in ("system", "hardware", "model", "published decode tok/s", "predicted tok/s",
                 "caveat"):
         a.add_column(col)
