@@ -38,6 +38,7 @@ def test_bench_writes_every_layout_with_ratios(tmp_path, synthetic):
     assert two["split"] == [3, 3] and two["hop_rtt"]["n"] == 2 and two["hop_in_pipeline"]
     assert result["command"].startswith("clusterd bench ")
     assert {"cpu_count", "ram_bytes", "os", "mlx"} <= set(result["machine"])
+    assert result["code"]["executor_sha256"]
     assert result["date"]
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["name"] for r in rows] == names

@@ -41,6 +41,7 @@ TRANSPORTS = {
     "tcp_one_way": lambda t, p, n, s: t.tcp_one_way(p, n, s),
     "grpc_unary_round_trip": lambda t, p, n, s: t.unary(p, n, s),
     "grpc_unary_one_way": lambda t, p, n, s: t.unary_one_way(p, n, s, "blocking"),
+    "grpc_unary_one_way_with_auth": lambda t, p, n, s: t.unary_one_way_authed(p, n, s),
     "grpc_unary_one_way_future": lambda t, p, n, s: t.unary_one_way(p, n, s, "future"),
     "grpc_unary_one_way_sender_thread": lambda t, p, n, s: t.unary_one_way(p, n, s, "thread"),
     "grpc_stream_one_way": lambda t, p, n, s: t.stream_one_way(p, n, s),

@@ -144,6 +144,7 @@ def write_chart(result: dict, path: Path) -> None:
             ax.axhline(base[key]["median"], color="#7f7f7f", linestyle="--", linewidth=1,
                        label="mlx-lm, 1 process")
             ax.legend(loc="upper right", fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.15)  # room for the legend above the bars
         ax.set_xticks(range(len(subs)))
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel(label)

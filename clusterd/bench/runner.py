@@ -18,7 +18,8 @@ from clusterd.bench.baselines import MlxLm, MlxRing
 from clusterd.bench.hop import layout_hop_probe, measure_hop, pace_for
 from clusterd.bench.layouts import ClusterdLayout, LayoutSpec, layout_specs
 from clusterd.bench.runs import RunResult, Subject
-from clusterd.bench.stats import latency_summary, load_average, machine, now_iso, summary
+from clusterd.bench.stats import (code_version, latency_summary, load_average, machine,
+                                  now_iso, summary)
 from clusterd.local_cluster import LocalCluster
 from clusterd.models.stage import read_config
 
@@ -82,6 +83,7 @@ def run_bench(cfg: BenchConfig, console: Console, workdir: Optional[Path] = None
         "command": cfg.command,
         "date": now_iso(),
         "machine": machine(),
+        "code": code_version(),
         "model": {"name": model.name, "path": str(model), "model_type": config.get("model_type"),
                   "num_layers": num_layers, "hidden_size": config.get("hidden_size"),
                   "weight_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors"))},
@@ -117,6 +119,7 @@ def run_bench(cfg: BenchConfig, console: Console, workdir: Optional[Path] = None
                 workdir, progress=lambda t: p.update(task, description=f"hop: {t}"))
     result["load_average_before"] = load_before
     result["load_average_after"] = load_average()
+    result["code_after"] = code_version()  # differs from "code" if files changed meanwhile
     return result
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import statistics
+import subprocess
+from pathlib import Path
 from typing import Sequence
 
 
@@ -82,3 +85,26 @@ def machine() -> dict:
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def code_version() -> dict:
+    """Which code ran: the git commit, files changed since, and a hash of the
+    node's executor (the hop's code), so a result names what it measured."""
+    root = Path(__file__).resolve().parents[2]
+    out: dict = {}
+    try:
+        import clusterd.node.executor as ex
+
+        out["executor_sha256"] = hashlib.sha256(Path(ex.__file__).read_bytes()).hexdigest()[:16]
+    except Exception:
+        pass
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout
+        out["git_commit"] = git("rev-parse", "--short", "HEAD").strip()
+        out["git_changed"] = [line[3:] for line in git("status", "--porcelain").splitlines()
+                              if line[:2].strip() and not line.startswith("??")]
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout
+    return out

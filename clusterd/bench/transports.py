@@ -4,7 +4,8 @@ this machine, gRPC unary next to a persistent gRPC stream next to plain TCP.
 The stages use a unary Forward per hop today; this measures what a long-lived
 stream per next hop (a `stream Activation` RPC, which needs a protocol change)
 would reach, so the change can be judged by numbers. Both ends are plain
-Python processes with the same payload; no clusterd code on the path.
+Python processes with the same payload; no clusterd code on the path, except
+for one variant that adds the cluster-secret interceptors the daemons use.
 
 One-way times are stamped by the receiver with CLOCK_MONOTONIC, which two
 processes on one Linux machine share.
@@ -81,15 +82,9 @@ def _tcp_sink(h: _Handlers, srv) -> None:
                     h.one_way.append(now - _STAMP.unpack_from(buf)[0])
 
 
-def serve() -> None:
-    import socket
-
-    h = _Handlers()
-    tcp = socket.socket()
-    tcp.bind(("127.0.0.1", 0))
-    tcp.listen(1)
-    threading.Thread(target=_tcp_sink, args=(h, tcp), daemon=True).start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_MAX)
+def _server(h: _Handlers, interceptors=()) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_MAX,
+                         interceptors=list(interceptors))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(_SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(h.unary),
         "Stamped": grpc.unary_unary_rpc_method_handler(h.stamped),
@@ -99,7 +94,24 @@ def serve() -> None:
     })])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    print(port, tcp.getsockname()[1], flush=True)
+    return server, port
+
+
+def serve() -> None:
+    import os
+    import socket
+
+    from clusterd.security import AuthServerInterceptor
+
+    h = _Handlers()
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    threading.Thread(target=_tcp_sink, args=(h, tcp), daemon=True).start()
+    server, port = _server(h)
+    # The same service behind the cluster-secret check the daemons use.
+    _authed, auth_port = _server(h, [AuthServerInterceptor(os.environ["CLUSTERD_BENCH_SECRET"])])
+    print(port, tcp.getsockname()[1], auth_port, flush=True)
     server.wait_for_termination()
 
 
@@ -130,11 +142,22 @@ class _Feed:
 
 class TransportPeer:
     def __init__(self) -> None:
+        import os
+        import secrets
+
+        from clusterd.security import AuthClientInterceptor
+
+        secret = secrets.token_hex(24)
         self.proc = subprocess.Popen([sys.executable, "-m", "clusterd.bench.transports"],
-                                     stdout=subprocess.PIPE, text=True)
-        port, self._tcp_port = map(int, self.proc.stdout.readline().split())
+                                     stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "CLUSTERD_BENCH_SECRET": secret})
+        port, self._tcp_port, auth_port = map(int, self.proc.stdout.readline().split())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=_MAX)
         grpc.channel_ready_future(self.channel).result(timeout=30)
+        self._plain = self.channel
+        self._authed = grpc.intercept_channel(
+            grpc.insecure_channel(f"127.0.0.1:{auth_port}", options=_MAX),
+            AuthClientInterceptor(secret))
 
     def _m(self, kind: str, name: str):
         return getattr(self.channel, kind)(f"/{_SERVICE}/{name}")
@@ -234,8 +257,16 @@ class TransportPeer:
         raw = self._m("unary_unary", "Collect")(b"", timeout=30)
         return list(struct.unpack(f"<{len(raw) // 8}d", raw))
 
+    def unary_one_way_authed(self, payload: bytes, count: int, pace_s: float) -> list[float]:
+        """Blocking unary calls through the cluster-secret interceptors (client and server)."""
+        self.channel = self._authed
+        try:
+            return self.unary_one_way(payload, count, pace_s, "blocking")
+        finally:
+            self.channel = self._plain
+
     def close(self) -> None:
-        self.channel.close()
+        self._plain.close()
         self.proc.terminate()
         self.proc.wait(10)
         self.proc.stdout.close()

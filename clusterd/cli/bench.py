@@ -5,11 +5,16 @@ forecasts for real Mac layouts next to published results."""
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _command() -> str:
@@ -65,6 +70,9 @@ def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill
     in interleaved rounds. Results go to OUT as JSON, CSV and a PNG chart."""
     # Wide tables stay readable when the output goes to a file or a pipe.
     console = Console(width=None if sys.stdout.isatty() else 160)
+    # SIGTERM (and SIGINT, which a background job may ignore) unwind through
+    # the finally blocks that stop the daemons and workers this run started.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if predict:
         from clusterd.bench.predict import run_predict
 
@@ -102,16 +110,18 @@ def _hop_only(console: Console, out_dir: Path, name) -> None:
     import tempfile
 
     from clusterd.bench.report import print_hop, write_json
-    from clusterd.bench.stats import load_average, machine, now_iso
+    from clusterd.bench.stats import code_version, load_average, machine, now_iso
     from clusterd.bench.hop import measure_hop
 
     load = load_average()
+    code = code_version()
     with console.status("hop") as status:
         hop = measure_hop(Path(tempfile.mkdtemp(prefix="clusterd-hop-")),
                           progress=lambda t: status.update(f"hop: {t}"))
     print_hop(hop, console)
-    result = {"command": _command(), "date": now_iso(), "machine": machine(),
-              "load_average_before": load, "load_average_after": load_average(), "hop": hop}
+    result = {"command": _command(), "date": now_iso(), "machine": machine(), "code": code,
+              "code_after": code_version(), "load_average_before": load,
+              "load_average_after": load_average(), "hop": hop}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or 'hop'}.json"
     write_json(result, path)
