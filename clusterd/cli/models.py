@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import click
 
 from clusterd.cli.cluster_options import discovered_addresses, discovery_options
-from clusterd.coordinator.cluster import SplitError, connect, plan_ranges
-from clusterd.coordinator.peers import PeerError
-from clusterd.coordinator.prepare import (ClusterFiles, ModelSource, PrepareFailed, Reporter,
-                                          resolve_model, summary_lines)
+from clusterd.coordinator.cluster import connect
+from clusterd.coordinator.ring import OPEN_ERRORS, RingOptions, model_source, place_files
 from clusterd.models.files import FileCheckError, read_weight_map
-from clusterd.models.store import ModelRef, ModelStore, StoreError
-from clusterd.security import SecretError
-
-ERRORS = (PeerError, SplitError, SecretError, PrepareFailed, StoreError)
+from clusterd.models.store import ModelRef, ModelStore
 
 
 def _size(ctx, param, value):
@@ -45,42 +39,11 @@ def fetch_options(f):
     return f
 
 
-def _confirm(text: str) -> bool:
+def confirm(text: str) -> bool:
     try:
         return click.confirm(text, default=False, err=True)
     except click.Abort:  # no answer (stdin closed): do not download
         return False
-
-
-def model_source(model: str, quant: Optional[str], say: Callable[[str], None]) -> ModelSource:
-    """MODEL as a folder, a catalog name or a repository id; before any node
-    is asked, so a typo fails at once."""
-    source = resolve_model(model, quant)
-    if quant and source.ref is not None and source.label == model:
-        say(f"note: --quant is ignored for a repository id ({model})")
-    return source
-
-
-def files_for_plan(source: ModelSource, nodes, split: Optional[str], context: int,
-                   *, yes: bool, ask_above: int, show: bool, say: Callable[[str], None],
-                   prefill_step_size: int = 2048) -> tuple[Path, str, list]:
-    """Split the layers and make sure every node holds its stage's files.
-    Returns (folder on this machine with config and tokenizer, repository id
-    for LoadShard or "" for a folder every node reads, layer ranges)."""
-    if source.ref is None:  # a folder every node reads as is
-        return source.local_dir, "", plan_ranges(source.local_dir, nodes, split, context=context,
-                                                 prefill_step_size=prefill_step_size, on_note=say)
-    if show:
-        say(f"model: {source.label}")
-    files = ClusterFiles(source.ref, nodes, Reporter(show=show))
-    meta = files.metadata()
-    ranges = plan_ranges(meta, nodes, split, context=context,
-                         prefill_step_size=prefill_step_size, on_note=say)
-    summary = files.prepare(meta, ranges, yes=yes, ask_above=ask_above, confirm=_confirm)
-    if show:
-        for line in summary_lines(summary):
-            say(line)
-    return meta, str(source.ref), ranges
 
 
 @click.command()
@@ -105,9 +68,9 @@ def pull(model, quant, yes, ask_above, peers, split, context, interfaces, no_mdn
         addresses = list(peers) or discovered_addresses(
             interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
         nodes = connect(addresses)
-        _, model_id, ranges = files_for_plan(source, nodes, split, context, yes=yes,
-                                             ask_above=ask_above, show=True, say=say)
-    except ERRORS as e:
+        opts = RingOptions(context=context, yes=yes, ask_above=ask_above)
+        _, model_id, ranges = place_files(source, nodes, split, opts, say, confirm)
+    except OPEN_ERRORS as e:
         raise click.ClickException(str(e)) from None
     if not model_id:
         say("a model folder is read where it is; nothing to fetch")

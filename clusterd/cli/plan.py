@@ -18,8 +18,7 @@ from rich.table import Table
 from clusterd.cli.cluster_options import discovery_options, find_nodes, probe_node, with_errors
 from clusterd.coordinator.placement import node_spec_from_info
 from shard_planner.costs import DEFAULT_LINK, LINKS
-from shard_planner.hardware import (DEFAULT_WIRED_FRACTION, NodeSpec, bandwidth_for_chip_name,
-                                    find_chip, parse_node_arg)
+from shard_planner.hardware import (DEFAULT_WIRED_FRACTION, NodeSpec, parse_node_arg)
 from shard_planner.model_spec import (FROM_CONFIG, HeaderError, ModelSpec, Quantization,
                                       UnsupportedModel, model_spec_from_config,
                                       model_spec_from_dir, parse_dtype)

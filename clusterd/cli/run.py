@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from clusterd.cli.ring import OPEN_ERRORS, open_ring, ring_options
+from clusterd.cli.ring import OPEN_ERRORS, open_ring_from_flags, ring_options
 from clusterd.coordinator.pipeline import GenerationError, GenerationStats, Sampling
 
 
@@ -30,7 +30,7 @@ def run(prompt, max_tokens, temp, top_p, seed, raw, as_json, **ring_args):
     When a node drops out, the rest take over its layers if the model still
     fits, and the answer goes on."""
     try:
-        ring = open_ring(**ring_args, show=not as_json, say=_err)
+        ring = open_ring_from_flags(**ring_args, show=not as_json, say=_err)
     except OPEN_ERRORS as e:
         raise click.ClickException(str(e)) from None
     pipeline, chat, config = ring.pipeline, ring.chat, ring.config

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from clusterd.cli.ring import OPEN_ERRORS, open_ring, ring_options
+from clusterd.cli.ring import OPEN_ERRORS, open_ring_from_flags, ring_options
 from clusterd.coordinator.http_api import ApiServer, ChatService
 
 
@@ -32,7 +32,7 @@ def serve(host, http_port, api_key, max_tokens, **ring_args):
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         _err(f"warning: serving on {host} without --api-key: anyone on the network can use it")
     try:
-        ring = open_ring(**ring_args, show=True, say=_err)
+        ring = open_ring_from_flags(**ring_args, show=True, say=_err)
     except OPEN_ERRORS as e:
         raise click.ClickException(str(e)) from None
     name = os.path.basename(str(ring_args["model"]).rstrip("/"))

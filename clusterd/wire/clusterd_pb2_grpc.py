@@ -34,6 +34,11 @@ class NodeStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Hello = channel.unary_unary(
+                '/clusterd.v1.Node/Hello',
+                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.HelloRequest.SerializeToString,
+                response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.HelloReply.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/clusterd.v1.Node/Info',
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.InfoRequest.SerializeToString,
@@ -89,6 +94,11 @@ class NodeStub:
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.SerializeToString,
                 response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/clusterd.v1.Node/Probe',
+                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.ProbeReply.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/clusterd.v1.Node/Shutdown',
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.ShutdownRequest.SerializeToString,
@@ -98,6 +108,14 @@ class NodeStub:
 
 class NodeServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Hello(self, request, context):
+        """The node's identity (public: also in its mDNS record). The one call that
+        needs no proof: a client learns here what to bind its proofs to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
         """Who the node is and what it holds. Cheap; used by discovery and `status`.
@@ -171,6 +189,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """`clusterd doctor`: this node calls another node (Hello, Health, then
+        round trips of a payload) and reports what it saw: the path tokens take
+        from stage to stage, not only from the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """`clusterd down`: unregister, cancel work, free memory, exit.
         """
@@ -181,6 +208,11 @@ class NodeServicer:
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.HelloRequest.FromString,
+                    response_serializer=clusterd_dot_wire_dot_clusterd__pb2.HelloReply.SerializeToString,
+            ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.InfoRequest.FromString,
@@ -236,6 +268,11 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.FromString,
                     response_serializer=clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.SerializeToString,
             ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.ProbeRequest.FromString,
+                    response_serializer=clusterd_dot_wire_dot_clusterd__pb2.ProbeReply.SerializeToString,
+            ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.ShutdownRequest.FromString,
@@ -251,6 +288,33 @@ def add_NodeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Node:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Hello(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterd.v1.Node/Hello',
+            clusterd_dot_wire_dot_clusterd__pb2.HelloRequest.SerializeToString,
+            clusterd_dot_wire_dot_clusterd__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Info(request,
@@ -539,6 +603,33 @@ class Node:
             '/clusterd.v1.Node/PrepareFiles',
             clusterd_dot_wire_dot_clusterd__pb2.PrepareFilesRequest.SerializeToString,
             clusterd_dot_wire_dot_clusterd__pb2.PrepareProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterd.v1.Node/Probe',
+            clusterd_dot_wire_dot_clusterd__pb2.ProbeRequest.SerializeToString,
+            clusterd_dot_wire_dot_clusterd__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
