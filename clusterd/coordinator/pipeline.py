@@ -10,20 +10,14 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+from clusterd.coordinator.generation import GenerationError, GenerationStats, Sampling
 from clusterd.coordinator.peers import PeerError, PeerHandle
 from clusterd.wire import clusterd_pb2 as pb
 
 HEALTH_EVERY_S = 2.0
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.6  # DeepSeek's recommendation for R1
-    top_p: float = 0.95
-    seed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -32,24 +26,6 @@ class LoadedStage:
     start: int
     end: int
     weight_bytes: int
-
-
-class GenerationError(RuntimeError):
-    """The generation stopped; the message names the node and the reason."""
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    finish_reason: str = ""
-
-    @property
-    def decode_tok_s(self) -> float:
-        n = len(self.tokens) - 1  # the first token's time is TTFT
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
 class Pipeline:
