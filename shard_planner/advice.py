@@ -1,17 +1,17 @@
 """What to tell the user about a plan: why nodes were left out, which wired limits to raise,
 and when it does not fit, by how much and what would fit instead (a lower quantization, more
-nodes, a shorter context, fewer sessions). Each alternative is checked, not guessed."""
+nodes, a shorter context, fewer sessions, a smaller prompt cache). Each alternative is
+checked, not guessed."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
+from shard_planner.costs import hop_seconds
 from shard_planner.hardware import NodeSpec
 from shard_planner.model_spec import ModelSpec, Quantization, UnsupportedModel
-from shard_planner.planner import placeable
-
-if TYPE_CHECKING:
-    from shard_planner.planner import Plan, StageCosts
+from shard_planner.plans import DRAFT_MTP, Plan
+from shard_planner.stage_costs import StageCosts, feasible, placeable
 
 # Lower quantizations to offer, largest (best quality) first.
 QUANT_LADDER = (
@@ -39,18 +39,22 @@ def _largest(predicate: Callable[[int], bool], lo: int, hi: int) -> int | None:
     return lo
 
 
-def _costs(p: "Plan", spec: ModelSpec | None = None, context: int | None = None,
-           sessions: int | None = None, chunk: int | None = None) -> "StageCosts":
-    """Costs of ``p``'s input with one thing changed."""
-    from shard_planner.planner import StageCosts
+def _costs(p: Plan, spec: ModelSpec | None = None, context: int | None = None,
+           sessions: int | None = None, chunk: int | None = None,
+           prompt_cache: int | None = None) -> StageCosts:
+    """Costs of ``p``'s input with one thing changed. A prompt cache of one context's worth
+    (the default) follows a changed context."""
+    if prompt_cache is None:
+        follows = p.prompt_cache_tokens == p.context
+        prompt_cache = context if follows and context else p.prompt_cache_tokens
+    model = spec or p.model
+    return StageCosts(model, context or p.context, sessions or p.sessions,
+                      chunk or p.prefill_chunk, prompt_cache,
+                      mtp=p.draft == DRAFT_MTP and model.mtp is not None)
 
-    return StageCosts(spec or p.model, context or p.context, sessions or p.sessions,
-                      chunk or p.prefill_chunk)
 
-
-def _fits(costs: "StageCosts", now: Sequence[int], raised: Sequence[int]) -> str | None:
-    from shard_planner.planner import feasible
-
+def fits_where(costs: StageCosts, now: Sequence[int], raised: Sequence[int]) -> str | None:
+    """Where a split of ``costs`` fits: at the current limits, with raised ones, or None."""
     if feasible(costs, now):
         return "at the current limits"
     if feasible(costs, raised):
@@ -58,7 +62,7 @@ def _fits(costs: "StageCosts", now: Sequence[int], raised: Sequence[int]) -> str
     return None
 
 
-def _left_out(p: "Plan", costs: "StageCosts", budgets: Sequence[int], hop_ms: float) -> list[str]:
+def _left_out(p: Plan, costs: StageCosts, budgets: Sequence[int], hop_ms: float) -> list[str]:
     smallest = min(costs.need_tab[i][i + 1] for i in range(costs.n))
     used = {s.node_index for s in p.stages}
     out = []
@@ -88,28 +92,46 @@ def _bandwidth_notes(nodes: Sequence[NodeSpec]) -> list[str]:
     return []
 
 
-def _smaller_steps(p: "Plan", now: Sequence[int], raised: Sequence[int]) -> list[str]:
+def _smaller_steps(p: Plan, now: Sequence[int], raised: Sequence[int]) -> list[str]:
     """Prefill workspace shrinks with the prefill step: the largest step that fits better."""
     want = ("at the current limits",) if p.verdict != "does-not-fit" else (
         "at the current limits", "with raised wired limits")
     for chunk in (1024, 512, 256, 128):
         if chunk >= p.prefill_chunk:
             continue
-        where = _fits(_costs(p, chunk=chunk), now, raised)
+        where = fits_where(_costs(p, chunk=chunk), now, raised)
         if where in want:
             return [f"Smaller prefill steps: with --prefill-step-size {chunk} it fits {where} "
                     "(prefill working memory shrinks with the step)."]
     return []
 
 
-def _fit_advice(p: "Plan", costs: "StageCosts", now: Sequence[int], raised: Sequence[int]) -> list[str]:
-    from shard_planner.costs import hop_seconds
+def _smaller_prompt_cache(p: Plan, now: Sequence[int], raised: Sequence[int]) -> list[str]:
+    """The largest prompt cache that fits better (at the current limits when the plan needs
+    raised ones, at all when it does not fit)."""
+    if p.prompt_cache_tokens < 1:
+        return []
+    want = ("at the current limits",) if p.verdict != "does-not-fit" else (
+        "at the current limits", "with raised wired limits")
 
+    def ok(t: int) -> bool:
+        return fits_where(_costs(p, prompt_cache=t), now, raised) in want
+
+    t = _largest(ok, 0, p.prompt_cache_tokens - 1)
+    if t is None:
+        return []
+    where = fits_where(_costs(p, prompt_cache=t), now, raised)
+    return [f"Smaller prompt cache: keeping {t} tokens of finished sessions' KV per stage (not "
+            f"{p.prompt_cache_tokens}) fits {where}: --prompt-cache {t}"]
+
+
+def _fit_advice(p: Plan, costs: StageCosts, now: Sequence[int], raised: Sequence[int]) -> list[str]:
     hop_ms = hop_seconds(p.link, p.model.hidden_size * p.model.act_bytes) * 1000
     budgets = raised if p.verdict == "fits-with-wired-limit" else now
     out = _left_out(p, costs, budgets, hop_ms)
     if p.verdict == "fits-with-wired-limit":
         out += _smaller_steps(p, now, raised)
+        out += _smaller_prompt_cache(p, now, raised)
         out.append("Fits only with the GPU wired limit raised (until the next reboot); run on")
         for s in p.stages:
             if s.sysctl:
@@ -122,14 +144,16 @@ def _fit_advice(p: "Plan", costs: "StageCosts", now: Sequence[int], raised: Sequ
     return out
 
 
-def _need_parts(costs: "StageCosts", raised: Sequence[int]) -> tuple[int, int, int, int]:
-    """(weights, KV, workspace, stages): the least a split over every usable node needs."""
+def _need_parts(costs: StageCosts, raised: Sequence[int]) -> tuple[int, int, int, int, int]:
+    """(weights, KV, prompt cache, workspace, stages): the least a split over every usable
+    node needs (the MTP module, when planned, with the weights and its cache with the KV)."""
     n = costs.n
     stages = max(1, sum(1 for b in raised if b > 0))
-    return costs.weight(0, n), costs.kv(0, n), stages * costs.workspace(0, n), stages
+    return (costs.weight(0, n) + costs.mtp_weight(0, n), costs.kv(0, n) + costs.mtp_kv(0, n),
+            costs.prompt_cache(0, n), stages * costs.workspace(0, n), stages)
 
 
-def _more_nodes(p: "Plan", costs: "StageCosts", now: Sequence[int],
+def _more_nodes(p: Plan, costs: StageCosts, now: Sequence[int],
                 raised: Sequence[int]) -> list[str]:
     """Fewest extra nodes like the biggest one for a fit at all, and at the current limits."""
     big = max(range(len(p.nodes)), key=lambda j: (raised[j], -j))
@@ -137,7 +161,7 @@ def _more_nodes(p: "Plan", costs: "StageCosts", now: Sequence[int],
     like = f"like {node.name} ({node.chip or 'same memory'}, {_gib(node.total_bytes)})"
     out: list[str] = []
     for k in range(1, MAX_EXTRA_NODES + 1):
-        where = _fits(costs, list(now) + [now[big]] * k, list(raised) + [raised[big]] * k)
+        where = fits_where(costs, list(now) + [now[big]] * k, list(raised) + [raised[big]] * k)
         if where and not out:
             out.append(f"More nodes: {k} more {like} would fit {where}.")
         if where == "at the current limits":
@@ -147,24 +171,24 @@ def _more_nodes(p: "Plan", costs: "StageCosts", now: Sequence[int],
     return out
 
 
-def _infeasible_advice(p: "Plan", costs: "StageCosts", now: Sequence[int],
+def _infeasible_advice(p: Plan, costs: StageCosts, now: Sequence[int],
                        raised: Sequence[int]) -> tuple[list[str], int]:
     spec = p.model
-    weights, kv, work, stages = _need_parts(costs, raised)
+    weights, kv, cache, work, stages = _need_parts(costs, raised)
+    total = weights + kv + cache + work
     have = sum(b for b in raised if b > 0)
-    short = weights + kv + work - have
+    short = total - have
     if short > 0:
         limits = " with every wired limit raised as far as is safe" if raised != now else ""
-        out = [f"Does not fit: about {_gib(short)} short. It needs {_gib(weights + kv + work)} "
-               f"({_gib(weights)} of weights, {_gib(kv)} of KV cache, {_gib(work)} of prefill "
-               f"working memory over {stages} stage(s)); the nodes offer {_gib(have)}{limits}, "
-               "after reserves and headroom."]
+        out = [f"Does not fit: about {_gib(short)} short. It needs {_gib(total)} "
+               f"({_gib(weights)} of weights, {_gib(kv)} of KV cache, {_gib(cache)} of prompt "
+               f"cache, {_gib(work)} of prefill working memory over {stages} stage(s)); the "
+               f"nodes offer {_gib(have)}{limits}, after reserves and headroom."]
     else:
-        out = [f"Does not fit: the nodes offer {_gib(have)} for {_gib(weights + kv + work)}, but "
+        out = [f"Does not fit: the nodes offer {_gib(have)} for {_gib(total)}, but "
                f"whole layers do not pack: in order they hold at most {placeable(costs, raised)} "
                f"of the {costs.n} layers (each stage also needs its own prefill working memory)."]
         short = 0
-    # A lower quantization of the same model.
     # A lower quantization of the same model: the best that fits at all, and the best that
     # fits without touching the wired limit when that is a different one.
     said: set[str] = set()
@@ -176,7 +200,7 @@ def _infeasible_advice(p: "Plan", costs: "StageCosts", now: Sequence[int],
                 break
             if alt.total_weight_bytes >= spec.total_weight_bytes:
                 continue
-            where = _fits(_costs(p, spec=alt), now, raised)
+            where = fits_where(_costs(p, spec=alt), now, raised)
             if where and where not in said:
                 said.add(where)
                 worse = " (2-bit loses much quality)" if q.bits == 2 else ""
@@ -187,22 +211,23 @@ def _infeasible_advice(p: "Plan", costs: "StageCosts", now: Sequence[int],
                     break
     out += _more_nodes(p, costs, now, raised)
     out += _smaller_steps(p, now, raised)
+    out += _smaller_prompt_cache(p, now, raised)
     # A shorter context, or fewer sessions.
     if p.context > 1:
-        c = _largest(lambda c: _fits(_costs(p, context=c), now, raised) is not None,
+        c = _largest(lambda c: fits_where(_costs(p, context=c), now, raised) is not None,
                      1, p.context - 1)
         if c:
-            where = _fits(_costs(p, context=c), now, raised)
+            where = fits_where(_costs(p, context=c), now, raised)
             out.append(f"Shorter context: up to {c} tokens fits {where}: --context {c}")
     if p.sessions > 1:
-        n = _largest(lambda n: _fits(_costs(p, sessions=n), now, raised) is not None,
+        n = _largest(lambda n: fits_where(_costs(p, sessions=n), now, raised) is not None,
                      1, p.sessions - 1)
         if n:
             out.append(f"Fewer sessions: {n} concurrent sessions fit: --sessions {n}")
     return out, short
 
 
-def advice_for(p: "Plan", costs: "StageCosts", now: Sequence[int],
+def advice_for(p: Plan, costs: StageCosts, now: Sequence[int],
                raised: Sequence[int]) -> tuple[tuple[str, ...], int]:
     """-> (advice lines, shortfall in bytes)."""
     out = _bandwidth_notes(p.nodes)

@@ -47,6 +47,15 @@ class LayerShape:
     # cached token for every chunk (MLA re-expands its latent cache).
     flops_per_pair: int = 0
     flops_per_key: int = 0
+    decode_flops_per_key: int = 0  # decode attention compute per cached token
+
+
+@dataclass(frozen=True)
+class MtpShape:
+    """A multi-token-prediction module: a decoder layer and the modules around it."""
+
+    layer: LayerShape
+    extra: tuple[Module, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Inventory:
     layers: tuple[LayerShape, ...]
     tied_embeddings: bool
     dropped_layers: int = 0  # checkpoint layers mlx-lm drops (DeepSeek's MTP layer)
+    mtp: tuple[MtpShape, ...] = ()  # those layers, for planning drafts
 
 
 # Same remapping as mlx_lm.utils.MODEL_REMAPPING for the types handled here.
@@ -94,8 +104,8 @@ def _top(cfg: Mapping[str, Any], tied: bool) -> tuple[tuple[Module, ...], tuple[
     return embed, tuple(head)
 
 
-def deepseek_v3(cfg: Mapping[str, Any]) -> Inventory:
-    """mlx_lm.models.deepseek_v3 (DeepSeek-V3 and R1): MLA with kv_b_proj split into
+def _deepseek_layer(cfg: Mapping[str, Any], i: int) -> LayerShape:
+    """Decoder layer ``i`` of mlx_lm.models.deepseek_v3: MLA with kv_b_proj split into
     embed_q / unembed_out, routed experts stacked in switch_mlp, router unquantized."""
     g = cfg.get
     hidden = int(cfg["hidden_size"])
@@ -132,49 +142,66 @@ def deepseek_v3(cfg: Mapping[str, Any]) -> Inventory:
         _linear("self_attn.o_proj", hidden, heads * v_dim, att_bias),
     ]
     norms = [_norm("input_layernorm", hidden), _norm("post_attention_layernorm", hidden)]
-    layers = []
-    for i in range(int(cfg["num_hidden_layers"])):
-        moe = n_routed is not None and i >= first_dense and i % freq == 0
-        if n_routed is not None and moe:
-            e = int(n_routed)
-            mlp = [
-                Module("mlp.switch_mlp.gate_proj", (e, moe_inter, hidden), True, experts=e),
-                Module("mlp.switch_mlp.up_proj", (e, moe_inter, hidden), True, experts=e),
-                Module("mlp.switch_mlp.down_proj", (e, hidden, moe_inter), True, experts=e),
-                # MoEGate keeps a raw weight (no to_quantized) and a float32 correction
-                # bias that mlx-lm's cast_predicate never casts.
-                Module("mlp.gate", (e, hidden), False),
-                Module("mlp.gate.e_score_correction_bias", (e,), False, dtype="float32"),
-            ]
-            shared_inter = 0
-            if n_shared is not None:
-                shared_inter = moe_inter * int(n_shared)
-                mlp += _mlp("mlp.shared_experts", hidden, shared_inter)
-            mlp_width = top_k * (2 * moe_inter + hidden) + 2 * shared_inter
-        else:
-            mlp = _mlp("mlp", hidden, inter)
-            mlp_width = 2 * inter
-        layers.append(
-            LayerShape(
-                modules=tuple(attn + mlp + norms),
-                kind="moe" if moe else "dense",
-                # The MLA cache keeps the compressed latent and the rope key per token.
-                kv_values_per_token=kv_lora + rope,
-                top_k=top_k if moe else 0,
-                # Prefill (L > 1) materializes pe_scores (heads x L x total) and its masked
-                # copy (mx.where) at once, and expands the whole latent cache into per-head
-                # keys and values for every chunk.
-                score_values_per_pair=2 * heads,
-                values_per_key=heads * (nope + v_dim),
-                values_per_query=4 * hidden + heads * q_head + mlp_width,
-                flops_per_pair=2 * heads * (q_head + v_dim),
-                flops_per_key=2 * heads * kv_lora * (nope + v_dim),
-            )
-        )
+    moe = n_routed is not None and i >= first_dense and i % freq == 0
+    if n_routed is not None and moe:
+        e = int(n_routed)
+        mlp = [
+            Module("mlp.switch_mlp.gate_proj", (e, moe_inter, hidden), True, experts=e),
+            Module("mlp.switch_mlp.up_proj", (e, moe_inter, hidden), True, experts=e),
+            Module("mlp.switch_mlp.down_proj", (e, hidden, moe_inter), True, experts=e),
+            # MoEGate keeps a raw weight (no to_quantized) and a float32 correction
+            # bias that mlx-lm's cast_predicate never casts.
+            Module("mlp.gate", (e, hidden), False),
+            Module("mlp.gate.e_score_correction_bias", (e,), False, dtype="float32"),
+        ]
+        shared_inter = 0
+        if n_shared is not None:
+            shared_inter = moe_inter * int(n_shared)
+            mlp += _mlp("mlp.shared_experts", hidden, shared_inter)
+        mlp_width = top_k * (2 * moe_inter + hidden) + 2 * shared_inter
+    else:
+        mlp = _mlp("mlp", hidden, inter)
+        mlp_width = 2 * inter
+    return LayerShape(
+        modules=tuple(attn + mlp + norms),
+        kind="moe" if moe else "dense",
+        # The MLA cache keeps the compressed latent and the rope key per token.
+        kv_values_per_token=kv_lora + rope,
+        top_k=top_k if moe else 0,
+        # Prefill (L > 1) materializes pe_scores (heads x L x total) and its masked
+        # copy (mx.where) at once, and expands the whole latent cache into per-head
+        # keys and values for every chunk.
+        score_values_per_pair=2 * heads,
+        values_per_key=heads * (nope + v_dim),
+        values_per_query=4 * hidden + heads * q_head + mlp_width,
+        flops_per_pair=2 * heads * (q_head + v_dim),
+        flops_per_key=2 * heads * kv_lora * (nope + v_dim),
+        # Decode (L == 1) attends in the latent space: rope scores, latent scores and the
+        # latent output, per head and cached token.
+        decode_flops_per_key=2 * heads * (rope + 2 * kv_lora),
+    )
+
+
+def deepseek_v3(cfg: Mapping[str, Any]) -> Inventory:
+    """mlx_lm.models.deepseek_v3 (DeepSeek-V3 and R1), and the multi-token-prediction
+    module of the original checkpoints (``model.layers.{num_hidden_layers}``), which
+    mlx-lm's sanitize drops: one more decoder layer plus enorm, hnorm, eh_proj and the
+    shared_head norm (its head and the embedding are the main model's)."""
+    hidden = int(cfg["hidden_size"])
+    n = int(cfg["num_hidden_layers"])
+    layers = tuple(_deepseek_layer(cfg, i) for i in range(n))
+    nextn = int(cfg.get("num_nextn_predict_layers", 0) or 0)
+    mtp = tuple(
+        MtpShape(_deepseek_layer(cfg, i), (
+            _norm("enorm", hidden), _norm("hnorm", hidden),
+            _linear("eh_proj", hidden, 2 * hidden), _norm("shared_head.norm", hidden),
+        ))
+        for i in range(n, n + nextn)
+    )
     embed, head = _top(cfg, tied=False)  # DeepSeek-V3 always has its own lm_head
     return Inventory(
-        "deepseek_v3", hidden, int(cfg["vocab_size"]), embed, head, tuple(layers), False,
-        dropped_layers=int(g("num_nextn_predict_layers", 0) or 0),
+        "deepseek_v3", hidden, int(cfg["vocab_size"]), embed, head, layers, False,
+        dropped_layers=nextn, mtp=mtp,
     )
 
 
@@ -203,6 +230,7 @@ def _gqa_layer(
         values_per_query=4 * hidden + (heads + 2 * kv_heads) * head_dim + 2 * inter,
         sliding_window=window,
         flops_per_pair=4 * heads * head_dim,
+        decode_flops_per_key=4 * heads * head_dim,
     )
 
 

@@ -52,6 +52,9 @@ DECODE_EFFICIENCY = 0.5
 # length) is 6.8 TFLOPS of 28.4, so 0.24.
 PREFILL_EFFICIENCY = 0.24
 
+# What travels back from the last stage to the first each step: a token id and its framing.
+TOKEN_HOP_BYTES = 64
+
 # Software cost of one hop on top of the link: one gRPC call with a 14 KB payload from Python.
 # An assumption of the order of a Python gRPC unary call until `clusterd bench` measures it.
 DEFAULT_STACK_OVERHEAD_S = 200e-6

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, Union
 
 from shard_planner import architectures as arch
-from shard_planner.architectures import Inventory, Module, UnsupportedModel
+from shard_planner.architectures import Inventory, LayerShape, Module, UnsupportedModel
 from shard_planner.safetensors import (
     HeaderError,
     TensorInfo,
@@ -30,7 +30,7 @@ from shard_planner.safetensors import (
 )
 
 __all__ = [
-    "DTYPE_BYTES", "FROM_CONFIG", "HeaderError", "KV_STEP", "LayerSpec", "ModelSpec",
+    "DTYPE_BYTES", "FROM_CONFIG", "HeaderError", "KV_STEP", "LayerSpec", "ModelSpec", "MtpSpec",
     "PREFILL_CHUNK", "Quantization", "UnsupportedModel", "model_spec_from_config",
     "model_spec_from_dir", "parse_dtype",
 ]
@@ -134,6 +134,46 @@ class LayerSpec:
     ws_query: int = 0
     flops_per_pair: int = 0  # prefill attention compute per (query, key) pair
     flops_per_key: int = 0  # per cached token per prefill chunk
+    decode_flops_per_key: int = 0  # decode attention compute per cached token
+    # Routed experts (MoE layers): how many, how many a token uses, and all their bytes.
+    experts: int = 0
+    top_k: int = 0
+    routed_bytes: int = 0
+
+    def read_bytes(self, tokens: float) -> float:
+        """Bytes one forward step of ``tokens`` tokens reads from this layer's weights: the
+        shared weights once, and each routed expert that any of the tokens uses once. With
+        top-k routing spread evenly over E experts, B tokens touch E * (1 - (1 - k/E)^B)
+        distinct experts on average (k for one token)."""
+        if not self.experts or tokens <= 1:
+            return float(self.active_bytes)
+        k, e = self.top_k, self.experts
+        distinct = e * (1 - math.pow(1 - k / e, tokens))
+        return self.active_bytes + self.routed_bytes / e * (distinct - k)
+
+
+@dataclass(frozen=True)
+class MtpSpec:
+    """DeepSeek's multi-token-prediction module(s), as the original checkpoint holds them
+    (mlx-lm drops them): a decoder layer each, plus enorm, hnorm, eh_proj and the
+    shared_head norm, quantized like the main layers. Their head is the main model's
+    lm_head, and their input embedding the main model's embed_tokens."""
+
+    layers: tuple[LayerSpec, ...]
+    extra_bytes: int  # enorm, hnorm, eh_proj, shared_head.norm of every module
+    extra_params: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(l.weight_bytes for l in self.layers) + self.extra_bytes
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers) + self.extra_params
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return sum(l.kv_bytes_per_token for l in self.layers)
 
 
 @dataclass(frozen=True)
@@ -152,6 +192,7 @@ class ModelSpec:
     tied_embeddings: bool
     source: str  # "config" or "safetensors"
     notes: tuple[str, ...] = ()
+    mtp: MtpSpec | None = None  # present when config.json has num_nextn_predict_layers >= 1
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -213,6 +254,25 @@ class ModelSpec:
         if end == self.num_layers:
             total += self.head_bytes + (self.embed_bytes if self.tied_embeddings else 0)
         return total
+
+    def mtp_stage_bytes(self, start: int) -> int:
+        """Weight bytes the last stage [start, num_layers) adds to hold the MTP module: its
+        layers and projections, and a copy of the embedding unless the stage holds it
+        already (it is the first stage, or the head is the embedding). 0 without MTP."""
+        if self.mtp is None:
+            return 0
+        self._check(start, self.num_layers)
+        copy = start > 0 and not self.tied_embeddings
+        return self.mtp.weight_bytes + (self.embed_bytes if copy else 0)
+
+    def mtp_draft_bytes(self) -> int:
+        """Bytes one MTP draft step reads: one module's layer (its top-k experts), its
+        projections, an embedding row and the shared head once more."""
+        if self.mtp is None:
+            return 0
+        per_module = self.mtp.extra_bytes // len(self.mtp.layers)
+        head = self.head_bytes + (self.embed_bytes if self.tied_embeddings else 0)
+        return self.mtp.layers[0].active_bytes + per_module + self.embed_bytes // self.vocab_size + head
 
     def stage_params(self, start: int, end: int) -> int:
         self._check(start, end)
@@ -291,9 +351,9 @@ def module_bytes(mod: Module, quant: Quantization | None, dtype: str) -> int:
 
 
 def _modules_bytes(mods: tuple[Module, ...], prefix: str, q: Quantization | None, dtype: str,
-                   overrides: Mapping[str, Any], top_k: int = 0) -> tuple[int, int, int, int]:
-    """-> (bytes, active bytes, params, active params)."""
-    b = ab = p = ap = 0
+                   overrides: Mapping[str, Any], top_k: int = 0) -> tuple[int, int, int, int, int]:
+    """-> (bytes, active bytes, params, active params, routed-expert bytes)."""
+    b = ab = p = ap = rb = 0
     for m in mods:
         mb = module_bytes(m, _module_quant(m, prefix + m.path, q, overrides), dtype)
         mp = math.prod(m.shape) + m.bias
@@ -301,9 +361,10 @@ def _modules_bytes(mods: tuple[Module, ...], prefix: str, q: Quantization | None
         if m.experts:
             ab += mb // m.experts * top_k
             ap += mp // m.experts * top_k
+            rb += mb
         else:
             ab, ap = ab + mb, ap + mp
-    return b, ab, p, ap
+    return b, ab, p, ap, rb
 
 
 def _default_dtype(config: Mapping[str, Any]) -> str:
@@ -316,32 +377,52 @@ def _config_quant(config: Mapping[str, Any]) -> Quantization | None:
     return Quantization.from_config(block) if isinstance(block, Mapping) else None
 
 
+def _layer_spec(i: int, shape: LayerShape, q: Quantization | None, dtype: str,
+                overrides: Mapping[str, Any]) -> LayerSpec:
+    act = DTYPE_BYTES[dtype]
+    b, ab, p, ap, rb = _modules_bytes(shape.modules, f"model.layers.{i}.", q, dtype, overrides,
+                                      shape.top_k)
+    experts = max((m.experts for m in shape.modules), default=0)
+    return LayerSpec(
+        index=i, kind=shape.kind, weight_bytes=b, active_bytes=ab, params=p,
+        active_params=ap, kv_bytes_per_token=shape.kv_values_per_token * act,
+        sliding_window=shape.sliding_window, ws_pair=shape.score_values_per_pair * act,
+        ws_key=shape.values_per_key * act, ws_query=shape.values_per_query * act,
+        flops_per_pair=shape.flops_per_pair, flops_per_key=shape.flops_per_key,
+        decode_flops_per_key=shape.decode_flops_per_key, experts=experts,
+        top_k=shape.top_k if experts else 0, routed_bytes=rb,
+    )
+
+
+def _mtp_spec(inv: Inventory, q: Quantization | None, dtype: str,
+              overrides: Mapping[str, Any]) -> MtpSpec | None:
+    if not inv.mtp:
+        return None
+    n = len(inv.layers)
+    layers, extra_b, extra_p = [], 0, 0
+    for j, m in enumerate(inv.mtp):
+        layers.append(_layer_spec(n + j, m.layer, q, dtype, overrides))
+        b, _, p, _, _ = _modules_bytes(m.extra, f"model.layers.{n + j}.", q, dtype, overrides)
+        extra_b, extra_p = extra_b + b, extra_p + p
+    return MtpSpec(tuple(layers), extra_b, extra_p)
+
+
 def _build(inv: Inventory, config: Mapping[str, Any], q: Quantization | None, dtype: str,
            overrides: Mapping[str, Any], name: str, notes: list[str]) -> ModelSpec:
-    act = DTYPE_BYTES[dtype]
-    layers = []
-    for i, shape in enumerate(inv.layers):
-        b, ab, p, ap = _modules_bytes(shape.modules, f"model.layers.{i}.", q, dtype, overrides,
-                                      shape.top_k)
-        layers.append(LayerSpec(
-            index=i, kind=shape.kind, weight_bytes=b, active_bytes=ab, params=p,
-            active_params=ap, kv_bytes_per_token=shape.kv_values_per_token * act,
-            sliding_window=shape.sliding_window, ws_pair=shape.score_values_per_pair * act,
-            ws_key=shape.values_per_key * act, ws_query=shape.values_per_query * act,
-            flops_per_pair=shape.flops_per_pair, flops_per_key=shape.flops_per_key,
-        ))
-    eb, _, ep, _ = _modules_bytes(inv.embed, "", q, dtype, overrides)
-    hb, _, hp, _ = _modules_bytes(inv.head, "", q, dtype, overrides)
+    layers = [_layer_spec(i, shape, q, dtype, overrides) for i, shape in enumerate(inv.layers)]
+    eb, _, ep, _, _ = _modules_bytes(inv.embed, "", q, dtype, overrides)
+    hb, _, hp, _, _ = _modules_bytes(inv.head, "", q, dtype, overrides)
     if inv.dropped_layers:
         notes.append(
             f"{inv.dropped_layers} multi-token-prediction layer(s) in the checkpoint are not "
-            "loaded by mlx-lm and not counted"
+            "loaded by mlx-lm; counted apart, on the last stage only with --draft mtp"
         )
     return ModelSpec(
         name=name, model_type=inv.model_type, hidden_size=inv.hidden_size,
         vocab_size=inv.vocab_size, quantization=q, dtype=dtype, layers=tuple(layers),
         embed_bytes=eb, embed_params=ep, head_bytes=hb, head_params=hp,
         tied_embeddings=inv.tied_embeddings, source="config", notes=tuple(notes),
+        mtp=_mtp_spec(inv, q, dtype, overrides),
         config=MappingProxyType(json.loads(json.dumps(dict(config)))),
     )
 
@@ -407,7 +488,7 @@ def _apply_headers(spec: ModelSpec, tensors: list[TensorInfo],
             n_exp = int(spec.config.get("n_routed_experts") or 0)
             top_k = int(spec.config.get("num_experts_per_tok") or 0)
             active = b - e + (e // n_exp * top_k if n_exp and e else 0)
-            l = replace(l, weight_bytes=b, active_bytes=active)
+            l = replace(l, weight_bytes=b, active_bytes=active, routed_bytes=e)
         layers.append(l)
     embed = pick(("embed", -1), "embedding", spec.embed_bytes)
     head = pick(("head", -1), "final norm + head", spec.head_bytes)

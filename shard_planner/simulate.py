@@ -1,9 +1,11 @@
 """Predicted decode and prefill speed of a plan, and the published results to compare with.
 
-Decode: one token reads every stage's active bytes once, at the node's memory bandwidth
-times an efficiency, and crosses one hop per stage boundary plus one back to the first stage.
-Prefill: chunks of 2048 tokens flow through the stages as a pipeline; a stage's time for a
-chunk is the larger of its compute (at a share of the GPU's FP32 peak) and its weight reads.
+Decode (one stream): one token reads every stage's active bytes once and each cached token
+of its KV, at the node's memory bandwidth times an efficiency (or computes, when that takes
+longer: serving.py's step model), and crosses one hop per stage boundary plus one back to
+the first stage. Prefill: chunks of 2048 tokens flow through the stages as a pipeline; a
+stage's time for a chunk is the larger of its compute (at a share of the GPU's FP32 peak)
+and its weight reads. Many sessions at once and drafts: serving.predict_serving.
 """
 
 from __future__ import annotations
@@ -22,18 +24,23 @@ from shard_planner.costs import (
 from shard_planner.hardware import NodeSpec, find_chip, hypothetical_node
 from shard_planner.model_spec import ModelSpec
 from shard_planner.planner import Plan, StagePlan, plan
+from shard_planner.serving import (
+    DECODE_COMPUTE_EFFICIENCY,
+    hop_links,
+    node_tflops,
+    ring_hop_seconds,
+    stage_rates,
+    trip_seconds,
+)
 
 __all__ = ["ANCHORS", "Anchor", "Prediction", "StagePrediction", "anchor_comparison", "fmt_rate",
            "matching_anchors", "simulate"]
-
-# What travels back from the last stage to the first each step: a token id and its framing.
-TOKEN_HOP_BYTES = 64
 
 
 @dataclass(frozen=True)
 class StagePrediction:
     node: str
-    decode_ms: float | None  # reading this stage's active bytes once
+    decode_ms: float | None  # one decode step of this stage
     prefill_chunk_ms: float | None  # one full chunk at the end of the prompt
 
 
@@ -41,7 +48,7 @@ class StagePrediction:
 class Prediction:
     decode_tok_s: float | None
     prefill_tok_s: float | None
-    decode_ms: float | None  # per token: memory time + hops
+    decode_ms: float | None  # per token: stage steps + hops
     hop_ms: float  # per token, all hops
     hops: int
     prompt_tokens: int
@@ -50,18 +57,6 @@ class Prediction:
     efficiency: float
     prefill_efficiency: float
     assumptions: tuple[str, ...] = ()
-
-
-def _bandwidths(p: Plan) -> list[float | None]:
-    known = [n.bandwidth for n in p.nodes if n.bandwidth]
-    return [s.node.bandwidth or (min(known) if known else None) for s in p.stages]
-
-
-def _tflops(node: NodeSpec) -> float | None:
-    if node.tflops:
-        return node.tflops
-    chip = find_chip(node.chip or "")
-    return chip.tflops if chip else None
 
 
 def _prefill_stage_s(spec: ModelSpec, st: StagePlan, bw: float, tflops: float, c: int, p0: int,
@@ -81,38 +76,53 @@ def _prefill_stage_s(spec: ModelSpec, st: StagePlan, bw: float, tflops: float, c
     return max(flops / (tflops * 1e12 * peff), nbytes / (bw * 1e9 * eff))
 
 
+def _link_label(p: Plan, link: str | LinkSpec | None) -> str:
+    if link is not None:
+        return get_link(link).name
+    measured = sum(1 for h in p.hops if h.source != "preset")
+    if not measured:
+        return p.link.name
+    return f"measured ({measured} of {len(p.hops)} hops; {p.link.name} elsewhere)"
+
+
 def simulate(p: Plan, link: str | LinkSpec | None = None, *,
              efficiency: float = DECODE_EFFICIENCY, prefill_efficiency: float = PREFILL_EFFICIENCY,
              prompt_tokens: int | None = None,
              stack_overhead_s: float = DEFAULT_STACK_OVERHEAD_S) -> Prediction:
-    """Predict ``p``'s decode and prefill tokens/s. Prompt: the plan's context, at most 8192."""
+    """Predict ``p``'s decode and prefill tokens/s. Prompt: the plan's context, at most 8192;
+    decode is predicted right after it (the KV cache holds the prompt). ``link`` replaces
+    every hop's link (default: the plan's, measured where measured)."""
     lk = get_link(link) if link is not None else p.link
     spec = p.model
     prompt = prompt_tokens or min(p.context, 8192)
+    label = _link_label(p, link)
     notes = [f"memory bandwidth at {efficiency:.0%} efficiency", f"link {lk.name}: {lk.source}",
              f"{stack_overhead_s * 1e6:.0f} us software overhead per hop (assumed)"]
+    notes += [f"hop {h.src} -> {h.dst}: {h.link.source}" for h in p.hops
+              if link is None and h.source != "preset"]
     if not p.stages:
-        return Prediction(None, None, None, 0.0, 0, prompt, (), lk.name, efficiency,
+        return Prediction(None, None, None, 0.0, 0, prompt, (), label, efficiency,
                           prefill_efficiency, tuple(notes))
-    bws = _bandwidths(p)
+    links = hop_links(p, link)
     hidden_bytes = spec.hidden_size * spec.act_bytes
     n = len(p.stages)
-    hops = n if n > 1 else 0
-    hop_s = 0.0
-    if n > 1:
-        hop_s = (n - 1) * hop_seconds(lk, hidden_bytes, stack_overhead_s)
-        hop_s += hop_seconds(lk, TOKEN_HOP_BYTES, stack_overhead_s)
-    mem = [s.active_bytes / (bw * 1e9 * efficiency) if bw else None
-           for s, bw in zip(p.stages, bws)]
-    decode_s = None if None in mem else sum(m for m in mem if m is not None) + hop_s
+    rates = stage_rates(p, efficiency, DECODE_COMPUTE_EFFICIENCY)
+    mem: list[float | None] = [None] * n
+    decode_s = None
+    hop_s = ring_hop_seconds(spec, links, 1, stack_overhead_s)
+    if rates is not None:
+        busy, decode_s = trip_seconds(p, rates, links, 1, 1, prompt, 0, stack_overhead_s)
+        mem = list(busy)
     # Prefill as a pipeline: finish[i] is when stage i is done with the current chunk.
-    tfl = [_tflops(s.node) for s in p.stages]
+    tfl = [node_tflops(s.node) for s in p.stages]
+    bws = [r[0] / (1e9 * efficiency) for r in rates] if rates else [None] * n
     prefill_s: float | None = None
     last_chunk: list[float | None] = [None] * n
-    if all(tfl) and all(bws):
+    if all(tfl) and rates is not None:
         finish = [0.0] * n
         step = p.prefill_chunk
-        chunk_hop = hop_seconds(lk, min(step, prompt) * hidden_bytes, stack_overhead_s)
+        chunk_hops = [hop_seconds(x, min(step, prompt) * hidden_bytes, stack_overhead_s)
+                      for x in links]
         for p0 in range(0, prompt, step):
             c = min(step, prompt - p0)
             ready = 0.0
@@ -120,7 +130,7 @@ def simulate(p: Plan, link: str | LinkSpec | None = None, *,
                 t = _prefill_stage_s(spec, st, bws[i] or 0.0, tfl[i] or 0.0, c, p0, efficiency,
                                      prefill_efficiency)
                 finish[i] = max(finish[i], ready) + t
-                ready = finish[i] + (chunk_hop if i + 1 < n else 0.0)
+                ready = finish[i] + (chunk_hops[i] if i + 1 < n else 0.0)
                 last_chunk[i] = t
         prefill_s = finish[-1]
     else:
@@ -133,9 +143,9 @@ def simulate(p: Plan, link: str | LinkSpec | None = None, *,
     return Prediction(
         decode_tok_s=1 / decode_s if decode_s else None,
         prefill_tok_s=prompt / prefill_s if prefill_s else None,
-        decode_ms=decode_s * 1000 if decode_s else None, hop_ms=hop_s * 1000, hops=hops,
-        prompt_tokens=prompt, stages=stages, link=lk.name, efficiency=efficiency,
-        prefill_efficiency=prefill_efficiency, assumptions=tuple(notes),
+        decode_ms=decode_s * 1000 if decode_s else None, hop_ms=hop_s * 1000,
+        hops=n if n > 1 else 0, prompt_tokens=prompt, stages=stages, link=label,
+        efficiency=efficiency, prefill_efficiency=prefill_efficiency, assumptions=tuple(notes),
     )
 
 

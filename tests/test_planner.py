@@ -148,14 +148,14 @@ def test_infeasible_inputs_get_does_not_fit_with_useful_advice():
 def test_shorter_context_and_fewer_sessions_are_offered_when_they_fit():
     spec = toy_spec([GiB] * 4, kv_per_token=16 * 1024)  # 2 GiB of KV per session at 32k
     nodes = [node("a", 4, bw=400), node("b", 4, bw=400)]
-    p = plan(spec, nodes, context=32768, sessions=2)
+    p = plan(spec, nodes, context=32768, sessions=2, prompt_cache_tokens=0)
     assert p.verdict == "does-not-fit"
     ctx = [a for a in p.advice if a.startswith("Shorter context")]
     ses = [a for a in p.advice if a.startswith("Fewer sessions")]
     assert ctx and ses
     c = int(ctx[0].split("--context ")[1])
-    assert plan(spec, nodes, context=c, sessions=2).fits
-    assert not plan(spec, nodes, context=c + 1, sessions=2).fits
+    assert plan(spec, nodes, context=c, sessions=2, prompt_cache_tokens=0).fits
+    assert not plan(spec, nodes, context=c + 1, sessions=2, prompt_cache_tokens=0).fits
 
 
 def test_raising_the_wired_limit_is_advised_exactly_and_never_beyond_safe():
