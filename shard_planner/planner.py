@@ -51,8 +51,8 @@ from shard_planner.search import Split, solve, solve_pairs
 from shard_planner.stage_costs import StageCosts, budget_bytes, feasible, placeable
 
 __all__ = ["DEFAULT_HEADROOM", "DOES_NOT_FIT", "FITS", "FITS_WIRED", "Plan", "StageCosts",
-           "StagePlan", "budget_bytes", "feasible", "placeable", "plan", "solve", "stage_plans",
-           "wired_mb"]
+           "StagePlan", "budget_bytes", "feasible", "gib", "pair_hop_seconds", "placeable", "plan",
+           "search_split", "solve", "solve_pairs", "stage_plans", "wired_mb"]
 
 DRAFTS = (DRAFT_MTP,)
 
@@ -95,17 +95,10 @@ def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def _search(costs: StageCosts, order: Sequence[NodeSpec], budgets: Sequence[int],
-            hop_s: float, pair_hops: tuple[list[list[float]], list[list[float]]] | None
-            ) -> Split | None:
-    if pair_hops is None:
-        return solve(costs, order, budgets, hop_s)
-    return solve_pairs(costs, order, budgets, *pair_hops)
-
-
-def _pair_hops(spec: ModelSpec, order: Sequence[NodeSpec], links: PairLinks, preset: LinkSpec,
-               overhead_s: float, efficiency: float
-               ) -> tuple[list[list[float]], list[list[float]]]:
+def pair_hop_seconds(spec: ModelSpec, order: Sequence[NodeSpec], links: PairLinks,
+                     preset: LinkSpec, overhead_s: float = DEFAULT_STACK_OVERHEAD_S,
+                     efficiency: float = DECODE_EFFICIENCY
+                     ) -> tuple[list[list[float]], list[list[float]]]:
     """Seconds of a hidden-state hop and of the token hop back, for every ordered pair of
     nodes, scaled like the memory times the search ranks (at full bandwidth)."""
     hidden_bytes = spec.hidden_size * spec.act_bytes
@@ -115,6 +108,19 @@ def _pair_hops(spec: ModelSpec, order: Sequence[NodeSpec], links: PairLinks, pre
              for row in links_of],
             [[hop_seconds(lk, TOKEN_HOP_BYTES, overhead_s) * efficiency for lk in row]
              for row in links_of])
+
+
+def search_split(costs: StageCosts, order: Sequence[NodeSpec], budgets: Sequence[int],
+                 link: LinkSpec, links: PairLinks,
+                 stack_overhead_s: float = DEFAULT_STACK_OVERHEAD_S,
+                 efficiency: float = DECODE_EFFICIENCY) -> Split | None:
+    """The fastest split of ``costs`` over ``order`` within ``budgets``: every hop costs
+    ``link``, or the measured link of its pair of nodes when ``links`` has any."""
+    if links:
+        return solve_pairs(costs, order, budgets, *pair_hop_seconds(
+            costs.spec, order, links, link, stack_overhead_s, efficiency))
+    hidden = costs.spec.hidden_size * costs.spec.act_bytes
+    return solve(costs, order, budgets, hop_seconds(link, hidden, stack_overhead_s) * efficiency)
 
 
 def _check(nodes: Sequence[NodeSpec], context: int, sessions: int, prefill_chunk: int,
@@ -156,22 +162,22 @@ def plan(spec: ModelSpec, nodes: Sequence[NodeSpec], context: int = 4096, sessio
         order.sort(key=lambda nd: (-(nd.bandwidth or 0), -nd.usable_bytes, nd.name))
     lk = get_link(link)
     measured: PairLinks = MappingProxyType(dict(links or {}))
-    # The planner ranks splits by memory time at full bandwidth, so scale the hop alike.
-    hop_s = hop_seconds(lk, spec.hidden_size * spec.act_bytes, stack_overhead_s) * efficiency
-    pair_hops = (_pair_hops(spec, order, measured, lk, stack_overhead_s, efficiency)
-                 if measured else None)
+
+    def search(c: StageCosts, budgets: Sequence[int]) -> Split | None:
+        return search_split(c, order, budgets, lk, measured, stack_overhead_s, efficiency)
+
     now = [budget_bytes(nd, nd.usable_bytes, headroom) for nd in order]
     raised = [budget_bytes(nd, nd.raisable_bytes, headroom) for nd in order]
     want_mtp = draft == DRAFT_MTP and spec.mtp is not None
     costs = StageCosts(spec, context, sessions, prefill_chunk, pc, mtp=want_mtp)
     if want_mtp and not feasible(costs, raised):
         costs, want_mtp = StageCosts(spec, context, sessions, prefill_chunk, pc), False
-    split = _search(costs, order, now, hop_s, pair_hops)
+    split = search(costs, now)
     verdict = FITS
     stages: tuple[StagePlan, ...] = ()
     if split is not None:
         stages = stage_plans(costs, order, split, False, headroom)
-    elif raised != now and (split := _search(costs, order, raised, hop_s, pair_hops)) is not None:
+    elif raised != now and (split := search(costs, raised)) is not None:
         verdict = FITS_WIRED
         stages = stage_plans(costs, order, split, True, headroom)
     else:

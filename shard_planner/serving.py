@@ -7,11 +7,13 @@ and each session's KV cache once; it computes 2 x active parameters per token pl
 attention over the cache. Its time is the larger of the reads at the node's bandwidth x an
 efficiency and the compute at the GPU's peak x an efficiency (a roofline).
 
-The pipeline. N sessions form G = min(N, S) micro-batches that travel the ring of S stages
-one after another, so all stages work at once. A round, in which every session advances one
-trip, takes the longer of: the busiest stage's work on all G micro-batches, and one
-micro-batch's trip through every stage and hop (a session's next token needs its last).
-Aggregate tok/s = N x tokens per trip / round; per stream = tokens per trip / round.
+The pipeline. Sessions decode in G micro-batches (as even as can be) that travel the ring
+of S stages one after another, so with G >= S all stages work at once. A round, in which
+each of them advances one trip, takes the longer of: the busiest stage's work on all G
+micro-batches, and the slowest micro-batch's trip through every stage and hop (a session's
+next token needs its last). Of N sessions the scheduler is taken to run the n <= N in the G
+micro-batches that serve the most tokens (the others wait their turn, in rotation).
+Aggregate tok/s = n x tokens per trip / round; per stream = aggregate / N.
 
 Drafts. With MTP, a trip carries 1 + k tokens per session (the token and k drafts) and the
 last stage runs the MTP module k times to draft the next ones; a draft is kept when every
@@ -24,6 +26,7 @@ model derives; pass a measured one to override it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +59,7 @@ class ServingPrediction:
     sessions: int  # N decoding at once
     groups: int  # micro-batches travelling the ring
     batch: int  # sessions in the largest micro-batch
+    active: int  # groups x batch sessions decode in a round; the others wait their turn
     draft_tokens: int  # k drafts per session per trip (0: none)
     acceptance: float | None  # per draft, when drafting
     tokens_per_trip: float  # expected tokens a session gains per trip
@@ -160,11 +164,6 @@ def ring_hop_seconds(spec: ModelSpec, links: Sequence[LinkSpec], tokens: int,
             + hop_seconds(links[-1], TOKEN_HOP_BYTES * tokens, overhead_s))
 
 
-def _groups(sessions: int, stages: int) -> list[int]:
-    g = min(sessions, stages)
-    return [sessions // g + (1 if i < sessions % g else 0) for i in range(g)]
-
-
 def predict_serving(p: Plan, sessions: int = 1, *, link: str | LinkSpec | None = None,
                     efficiency: float = DECODE_EFFICIENCY,
                     compute_efficiency: float = DECODE_COMPUTE_EFFICIENCY,
@@ -203,26 +202,52 @@ def predict_serving(p: Plan, sessions: int = 1, *, link: str | LinkSpec | None =
         busy, t = trip_seconds(p, rates, links, b, q, kv, draft_tokens, stack_overhead_s)
         return busy, t, t / t1
 
-    sizes = _groups(sessions, len(p.stages))
-    by_size = {b: trip(b) for b in set(sizes)}
-    stage_busy = max(sum(by_size[b][0][i] for b in sizes) for i in range(len(p.stages)))
-    longest = max(by_size[b][1] for b in sizes)
-    round_s = max(stage_busy, longest)
+    by_size: dict[int, tuple[list[float], float, float]] = {}
+
+    def sized(b: int) -> tuple[list[float], float, float]:
+        if b not in by_size:
+            by_size[b] = trip(b)
+        return by_size[b]
+
+    def rounds(n: int, g: int) -> tuple[float, float, float]:
+        """(round, busiest stage, longest trip) of n sessions in g micro-batches as even as
+        can be: `extra` of small + 1 sessions, the rest of small."""
+        small, extra = divmod(n, g)
+        parts = [(sized(small + 1), extra)] if extra else []
+        if g > extra:
+            parts.append((sized(small), g - extra))
+        busy = max(sum(k * t[0][i] for t, k in parts) for i in range(len(p.stages)))
+        longest = max(t[1] for t, _ in parts)
+        return max(busy, longest), busy, longest
+
+    # The scheduler runs n <= N sessions (the others wait their turn) in g micro-batches,
+    # as serves the most tokens. More micro-batches than fill the ring only re-read the
+    # weights, so g stays at or below what one trip over the slowest stage fills.
+    busy1, trip1, _ = sized(1)
+    g_max = min(sessions, max(len(p.stages), math.ceil(trip1 / max(busy1))) + 1)
+    # Equal rates (to a millionth of a token/s) go to fewer sessions, then fewer batches.
+    best = max(((round(n / rounds(n, g)[0], 6), -n, -g) for g in range(1, g_max + 1)
+                for n in range(g, sessions + 1)))
+    active, groups = -best[1], -best[2]
+    batch = -(-active // groups)
+    round_s, stage_busy, longest = rounds(active, groups)
     per_trip = sum(acceptance ** i for i in range(q)) if draft_tokens else 1.0
     single = trip_seconds(p, rates, links, 1, 1, kv, 0, stack_overhead_s)[1]
-    notes = [f"{len(sizes)} micro-batch(es) of up to {max(sizes)} session(s) travel the ring",
+    notes = [f"{groups} micro-batch(es) of up to {batch} session(s) travel the ring"
+             + (f"; {sessions - active} session(s) wait their turn" if active < sessions else ""),
              f"each session's cache holds {kv} tokens",
              f"memory at {efficiency:.0%} of bandwidth, compute at {compute_efficiency:.0%} "
              "of FP32 peak (assumed as prefill's)"]
     if draft_tokens:
         ratio = "given" if trip_cost_ratio is not None else "from the step model"
         notes.append(f"{draft_tokens} MTP draft(s) per trip, each kept with probability "
-                     f"{acceptance:g}; trip cost ratio {by_size[max(sizes)][2]:.2f} ({ratio})")
+                     f"{acceptance:g}; trip cost ratio {by_size[batch][2]:.2f} ({ratio})")
     return ServingPrediction(
-        sessions=sessions, groups=len(sizes), batch=max(sizes), draft_tokens=draft_tokens,
+        sessions=sessions, groups=groups, batch=batch, draft_tokens=draft_tokens,
         acceptance=acceptance if draft_tokens else None, tokens_per_trip=per_trip,
-        trip_cost_ratio=by_size[max(sizes)][2], round_ms=round_s * 1e3,
-        aggregate_tok_s=sessions * per_trip / round_s, per_stream_tok_s=per_trip / round_s,
+        trip_cost_ratio=by_size[batch][2], round_ms=round_s * 1e3,
+        active=active, aggregate_tok_s=active * per_trip / round_s,
+        per_stream_tok_s=active * per_trip / round_s / sessions,
         single_stream_tok_s=1 / single, bound="stage" if stage_busy >= longest else "trip",
         kv_tokens=kv, assumptions=tuple(notes),
     )

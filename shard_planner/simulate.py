@@ -82,7 +82,7 @@ def _link_label(p: Plan, link: str | LinkSpec | None) -> str:
     measured = sum(1 for h in p.hops if h.source != "preset")
     if not measured:
         return p.link.name
-    return f"measured ({measured} of {len(p.hops)} hops; {p.link.name} elsewhere)"
+    return f"measured links ({measured} of {len(p.hops)}; {p.link.name} for the rest)"
 
 
 def simulate(p: Plan, link: str | LinkSpec | None = None, *,

@@ -10,6 +10,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models import deepseek_v3, llama, qwen2
@@ -280,3 +281,52 @@ def test_mla_prefill_workspace_estimate_is_close_to_what_mlx_allocates():
     measured = mx.get_peak_memory() - base
     estimate = model_spec_from_config(cfg, None, dtype="float32").workspace_bytes(0, 2, 1024, 512)
     assert 0.7 * measured < estimate < 1.3 * measured
+
+
+class MtpModule(nn.Module):
+    """DeepSeek-V3's multi-token-prediction module as the original checkpoint lays out
+    model.layers.61 (mlx-lm drops it): one decoder layer from mlx-lm's own class, the two
+    input norms, the projection of [embedding; hidden] and the shared head's norm. Its
+    head and embedding are the main model's."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        args = deepseek_v3.ModelArgs.from_dict(config)
+        h = args.hidden_size
+        self.layer = deepseek_v3.DeepseekV3DecoderLayer(args, layer_idx)
+        self.enorm, self.hnorm = nn.RMSNorm(h), nn.RMSNorm(h)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.shared_head_norm = nn.RMSNorm(h)
+
+
+def test_r1_mtp_layer_counts_682_6b_with_the_main_model():
+    """apple-silicon.md: 671,026,419,200 parameters without the MTP layer, 682,636,487,424
+    with it; from the shipped config."""
+    assert R1["num_nextn_predict_layers"] == 1
+    spec = model_spec_from_config(R1, None)
+    assert spec.params == 671_026_419_200
+    assert spec.params + spec.mtp.params == 682_636_487_424
+    mtp = MtpModule(R1, R1["num_hidden_layers"])
+    assert spec.mtp.params == sum(v.size for _, v in tree_flatten(mtp.parameters()))
+    # Distills and configs without num_nextn_predict_layers have none.
+    assert model_spec_from_config(QWEN2_32B_LIKE, None).mtp is None
+    assert model_spec_from_config({**R1, "num_nextn_predict_layers": 0}, None).mtp is None
+
+
+@pytest.mark.parametrize("quant", [Quantization(4, 32), Quantization(3, 64)])
+def test_r1_mtp_bytes_match_mlx_quantized_like_the_main_layers(quant):
+    mtp = MtpModule(R1, R1["num_hidden_layers"])
+    cast = lambda k: "e_score_correction_bias" not in k  # noqa: E731 (the model's cast_predicate)
+    mtp.update(tree_map_with_path(
+        lambda k, v: v.astype(mx.bfloat16) if cast(k) and mx.issubdtype(v.dtype, mx.floating)
+        else v, mtp.parameters()))
+    quantize_model(mtp, {}, quant.group_size, quant.bits)
+    spec = model_spec_from_config(R1, quant)
+    assert spec.mtp.layers[0].weight_bytes == nbytes(mtp.layer)
+    assert spec.mtp.weight_bytes == nbytes(mtp)
+    # The MTP layer is an MoE layer like layer 60, at the same size.
+    assert spec.mtp.layers[0].weight_bytes == spec.layers[60].weight_bytes
+    # The last stage also holds a copy of the embedding for it, unless it is the first stage.
+    assert spec.mtp_stage_bytes(40) == nbytes(mtp) + spec.embed_bytes
+    assert spec.mtp_stage_bytes(0) == nbytes(mtp)
+    assert spec.mtp.kv_bytes_per_token == 1152  # one layer of MLA latent + rope key, bf16

@@ -1,6 +1,6 @@
 """`clusterd plan MODEL`: does the model fit these Macs, how would the layers be split, and
 how fast would it run. Works offline on hypothetical nodes (--node) or on the nodes that are
-up (--peer, or found by mDNS)."""
+up (--peer, or found by mDNS). With --also, extra models are placed beside it."""
 
 from __future__ import annotations
 
@@ -12,19 +12,22 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from clusterd.cli.cluster_options import discovery_options, find_nodes, probe_node, with_errors
+from clusterd.cli.plan_output import print_multi, print_plan
 from clusterd.coordinator.placement import node_spec_from_info
 from shard_planner.costs import DEFAULT_LINK, LINKS
 from shard_planner.hardware import (DEFAULT_WIRED_FRACTION, NodeSpec, parse_node_arg)
+from shard_planner.links import load_links
 from shard_planner.model_spec import (FROM_CONFIG, HeaderError, ModelSpec, Quantization,
                                       UnsupportedModel, model_spec_from_config,
                                       model_spec_from_dir, parse_dtype)
-from shard_planner.planner import DOES_NOT_FIT, Plan, plan as make_plan
-from shard_planner.report import plan_to_dict
-from shard_planner.simulate import Anchor, Prediction, fmt_rate, matching_anchors, simulate
+from shard_planner.multi import AlsoModel, plan_many
+from shard_planner.planner import DOES_NOT_FIT, Plan
+from shard_planner.plans import DRAFT_MTP
+from shard_planner.report import multi_plan_to_dict, plan_to_dict
+from shard_planner.serving import MTP_ACCEPTANCE, ServingPrediction, predict_serving
+from shard_planner.simulate import matching_anchors, simulate
 
 # Exit status when the model does not fit, so scripts can test `clusterd plan ... && ...`.
 EXIT_DOES_NOT_FIT = 3
@@ -93,58 +96,44 @@ def _live_nodes(peers: Sequence[str], interfaces: Sequence[str], no_mdns: bool,
     return [node_spec_from_info(r.info, r.node.address) for r in reports]
 
 
-def _gib(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**30:.1f}"
+def _spec_or_error(model: str, quant: Optional[str]) -> tuple[ModelSpec, dict[str, Any]]:
+    from clusterd.models.catalog import CatalogError
+
+    try:
+        return _model_spec(model, quant)
+    except (CatalogError, UnsupportedModel, HeaderError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
 
 
-def _print_human(p: Plan, pred: Prediction, source: dict[str, Any], anchors: list[Anchor]) -> None:
-    # Never wrap a line: advice holds commands to copy.
-    console = Console(width=max(Console().width, 110), soft_wrap=True)
-    spec = p.model
-    repo = source.get("repo")
-    where = source.get("path") or (f"{repo}{'' if source.get('repo_verified') else ' (unverified)'}"
-                                   if repo else source.get("repo_note", ""))
-    console.print(f"[bold]{spec.name}[/] {spec.quant_label}" + (f"  ({where})" if where else ""),
-                  highlight=False)
-    console.print(f"{spec.num_layers} layers, {_gib(spec.total_weight_bytes)} GiB of weights "
-                  f"(from {spec.source}), {spec.params / 1e9:.1f}B parameters, "
-                  f"{spec.active_params / 1e9:.1f}B active, "
-                  f"{spec.active_bytes_per_token / 1e9:.1f} GB read per token", highlight=False)
-    console.print(f"context {p.context} x {p.sessions} session(s): KV cache "
-                  f"{spec.kv_bytes(0, spec.num_layers, p.context, p.sessions) / 2**30:.2f} GiB")
-    if p.stages:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for col in ("#", "node", "chip", "layers", "weights", "KV", "work", "need", "usable",
-                    "GB/s", "ms/token"):
-            table.add_column(col, justify="left" if col in ("node", "chip", "layers") else "right")
-        for i, (s, sp) in enumerate(zip(p.stages, pred.stages)):
-            usable = _gib(s.usable_bytes) + ("*" if s.wired_limit_mb else "")
-            extra = " +emb" if s.start == 0 else ""
-            extra += " +head" if s.end == spec.num_layers else ""
-            table.add_row(
-                str(i), s.node.name, s.node.chip or "-", f"{s.start}-{s.end}{extra}",
-                _gib(s.weight_bytes), _gib(s.kv_bytes), _gib(s.workspace_bytes),
-                _gib(s.need_bytes + s.headroom_bytes), usable,
-                f"{s.node.bandwidth:g}" if s.node.bandwidth else "?",
-                f"{sp.decode_ms:.1f}" if sp.decode_ms is not None else "-")
-        console.print(table)
-        console.print("  GiB; need = weights + KV + prefill workspace + reserve + headroom"
-                      + ("; * usable after raising the wired limit" if any(
-                          s.wired_limit_mb for s in p.stages) else ""))
-    style = {"fits": "green", "fits-with-wired-limit": "yellow"}.get(p.verdict, "red")
-    console.print(f"verdict: [bold {style}]{p.verdict}[/]")
-    if pred.decode_tok_s is not None:
-        console.print(f"predicted: decode {fmt_rate(pred.decode_tok_s)} tok/s, prefill "
-                      f"{fmt_rate(pred.prefill_tok_s)} tok/s ({pred.prompt_tokens}-token prompt; "
-                      f"{pred.hops} hops of {pred.link}, bandwidth at "
-                      f"{pred.efficiency:.0%})")
-    for a in anchors:
-        console.print(f"published on this hardware: {a.system}, {a.model}: {a.decode} tok/s"
-                      f" ({a.other}; {a.source})" + (f" [{a.caveat}]" if a.caveat else ""))
-    for line in p.advice:
-        console.print(line if line.startswith("  ") else f"- {line}", highlight=False)
-    for note in p.notes:
-        console.print(f"note: {note}", highlight=False)
+def _serving(p: Plan, sessions: int, acceptance: float) -> dict[str, Optional[ServingPrediction]]:
+    """The predictions beyond one stream: N sessions at once, and MTP drafts when planned."""
+    out: dict[str, Optional[ServingPrediction]] = {}
+    if not p.stages:
+        return out
+    mtp = p.draft == DRAFT_MTP
+    if mtp:
+        out["mtp"] = predict_serving(p, 1, draft_tokens=1, acceptance=acceptance)
+    if sessions > 1:
+        out["sessions"] = predict_serving(p, sessions)
+        if mtp:
+            out["sessions+mtp"] = predict_serving(p, sessions, draft_tokens=1,
+                                                  acceptance=acceptance)
+    return out
+
+
+def _nodes(node_args: Sequence[str], wired_fraction: float, peers: Sequence[str],
+           interfaces: Sequence[str], no_mdns: bool, browse_timeout: float) -> list[NodeSpec]:
+    if node_args and peers:
+        raise click.UsageError("give either --node (hypothetical) or --peer (live), not both")
+    if not node_args:
+        return _live_nodes(peers, interfaces, no_mdns, browse_timeout)
+    nodes: list[NodeSpec] = []
+    for arg in node_args:
+        try:
+            nodes += parse_node_arg(arg, wired_fraction, start_index=len(nodes) + 1)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--node") from None
+    return nodes
 
 
 @click.command()
@@ -158,9 +147,25 @@ def _print_human(p: Plan, pred: Prediction, source: dict[str, Any], anchors: lis
 @click.option("--context", default=4096, show_default=True, type=click.IntRange(1),
               help="Tokens of context per session to reserve KV cache for.")
 @click.option("--sessions", default=1, show_default=True, type=click.IntRange(1),
-              help="Concurrent sessions.")
+              help="Concurrent sessions: KV room for each, and the predicted speed of all at once.")
+@click.option("--prompt-cache", "prompt_cache", default=None, type=click.IntRange(0),
+              metavar="TOKENS",
+              help="Tokens of finished sessions' KV each stage keeps for reuse [default: context].")
+@click.option("--draft", default=None, type=click.Choice([DRAFT_MTP]),
+              help="Plan drafts for speculative decoding: mtp places R1's multi-token-prediction "
+                   "layer on the last stage when there is room.")
+@click.option("--acceptance", default=MTP_ACCEPTANCE, show_default=True,
+              type=click.FloatRange(0, 1), help="Share of MTP drafts kept, for the prediction.")
+@click.option("--also", "also_args", multiple=True, metavar="MODEL[@NODE]",
+              help="Another model to place on the same nodes (repeatable), where there is room "
+                   "or on NODE (a node name or its 1-based position).")
 @click.option("--link", default=DEFAULT_LINK, show_default=True,
-              type=click.Choice(sorted(LINKS)), help="Link between nodes: the cost of a hop, in the split and the prediction.")
+              type=click.Choice(sorted(LINKS)),
+              help="Link between nodes: the cost of a hop, in the split and the prediction.")
+@click.option("--links", "links_file", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Measured links (JSON, as `clusterd doctor` writes): used for the hops they "
+                   "cover, --link for the rest.")
 @click.option("--wired-fraction", default=DEFAULT_WIRED_FRACTION, show_default=True,
               type=click.FloatRange(0.1, 1.0),
               help="GPU wired limit of hypothetical nodes, as a share of RAM.")
@@ -172,39 +177,81 @@ def _print_human(p: Plan, pred: Prediction, source: dict[str, Any], anchors: lis
 @discovery_options
 @with_errors
 def plan(model: str, quant: Optional[str], node_args: Sequence[str], context: int, sessions: int,
-         link: str, wired_fraction: float, prefill_step_size: int, prompt_tokens: Optional[int],
-         as_json: bool,
+         prompt_cache: Optional[int], draft: Optional[str], acceptance: float,
+         also_args: Sequence[str], link: str, links_file: Optional[Path], wired_fraction: float,
+         prefill_step_size: int, prompt_tokens: Optional[int], as_json: bool,
          interfaces: Sequence[str], peers: Sequence[str], no_mdns: bool,
          browse_timeout: float) -> None:
     """Will MODEL (a model folder, or a catalog name such as deepseek-r1) fit these nodes?
     Prints the split per stage, the verdict with advice, and the predicted speed."""
-    from clusterd.models.catalog import CatalogError
-
-    try:
-        spec, source = _model_spec(model, quant)
-    except (CatalogError, UnsupportedModel, HeaderError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-    if node_args and peers:
-        raise click.UsageError("give either --node (hypothetical) or --peer (live), not both")
-    if node_args:
-        nodes: list[NodeSpec] = []
-        for arg in node_args:
-            try:
-                nodes += parse_node_arg(arg, wired_fraction, start_index=len(nodes) + 1)
-            except ValueError as e:
-                raise click.BadParameter(str(e), param_hint="--node") from None
-    else:
-        nodes = _live_nodes(peers, interfaces, no_mdns, browse_timeout)
-    p = make_plan(spec, nodes, context=context, sessions=sessions, link=link,
-                  prefill_chunk=prefill_step_size)
-    p = dataclasses.replace(p, advice=tuple(_with_repos(p.advice, source.get("catalog"))))
+    spec, source = _spec_or_error(model, quant)
+    nodes = _nodes(node_args, wired_fraction, peers, interfaces, no_mdns, browse_timeout)
+    links = None
+    if links_file is not None:
+        try:
+            links = load_links(links_file).pairs
+        except (ValueError, FileNotFoundError) as e:
+            raise click.BadParameter(str(e), param_hint="--links") from None
+    args: dict[str, Any] = dict(link=link, prefill_chunk=prefill_step_size,
+                                prompt_cache_tokens=prompt_cache, draft=draft, links=links)
+    if also_args:
+        _plan_many(spec, source, nodes, also_args, context, sessions, args, acceptance,
+                   prompt_tokens, as_json)
+        return
+    p = _with_catalog_advice(_plan_one(spec, nodes, context, sessions, args), source)
     pred = simulate(p, prompt_tokens=prompt_tokens)
+    serving = _serving(p, sessions, acceptance)
     anchors = matching_anchors(nodes) if spec.model_type == "deepseek_v3" else []
     if as_json:
-        out = plan_to_dict(p, pred, anchors)
+        out = plan_to_dict(p, pred, anchors, serving)
         out["model"].update(source)
         click.echo(json.dumps(out, indent=2))
     else:
-        _print_human(p, pred, source, anchors)
+        print_plan(p, pred, source, anchors, serving)
     if p.verdict == DOES_NOT_FIT:
+        sys.exit(EXIT_DOES_NOT_FIT)
+
+
+def _plan_one(spec: ModelSpec, nodes: Sequence[NodeSpec], context: int, sessions: int,
+              args: dict[str, Any]) -> Plan:
+    from shard_planner.planner import plan as make_plan
+
+    try:
+        return make_plan(spec, nodes, context=context, sessions=sessions, **args)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _with_catalog_advice(p: Plan, source: dict[str, Any]) -> Plan:
+    return dataclasses.replace(p, advice=tuple(_with_repos(p.advice, source.get("catalog"))))
+
+
+def _plan_many(spec: ModelSpec, source: dict[str, Any], nodes: Sequence[NodeSpec],
+               also_args: Sequence[str], context: int, sessions: int, args: dict[str, Any],
+               acceptance: float, prompt_tokens: Optional[int], as_json: bool) -> None:
+    also, sources = [], [source]
+    for text in also_args:
+        name, at, node = text.rpartition("@") if "@" in text else (text, "", "")
+        if at and not node:
+            raise click.BadParameter(f"{text!r}: give a node after @", param_hint="--also")
+        extra, extra_source = _spec_or_error(name, None)
+        also.append(AlsoModel(extra, node=node or None))
+        sources.append(extra_source)
+    try:
+        mp = plan_many(spec, nodes, also, context, sessions, **args)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--also") from None
+    plans = [_with_catalog_advice(m.plan, src) for m, src in zip(mp.models, sources)]
+    preds = [simulate(p, prompt_tokens=prompt_tokens) for p in plans]
+    serving = [_serving(p, sessions, acceptance) for p in plans]
+    mp = dataclasses.replace(mp, models=tuple(
+        dataclasses.replace(m, plan=p) for m, p in zip(mp.models, plans)))
+    if as_json:
+        dicts = [plan_to_dict(p, pred, None, sv) for p, pred, sv in zip(plans, preds, serving)]
+        for d, src in zip(dicts, sources):
+            d["model"].update(src)
+        click.echo(json.dumps(multi_plan_to_dict(mp, dicts), indent=2))
+    else:
+        print_multi(mp, preds, sources, serving)
+    if mp.verdict == DOES_NOT_FIT:
         sys.exit(EXIT_DOES_NOT_FIT)
