@@ -217,9 +217,11 @@ def _does_not_fit(name: str, spec: ModelSpec, mem: _Memory, costs: StageCosts,
     smallest = min(costs.need_tab[i][i + 1] for i in range(costs.n))
     whole = costs.need(0, costs.n)
     place = (f"on {mem.nodes[forced].name}" if forced is not None else "anywhere")
+    limits = (", with every wired limit raised as far as is safe"
+              if mem.raised != mem.now else "")
     out = [f"{name} does not fit {place}: it needs {gib(whole)} on one node ({gib(smallest)} for "
            f"its smallest layer in a split); the most room left is {gib(max(left[most], 0))} "
-           f"on {mem.nodes[most].name}, with every wired limit raised as far as is safe."]
+           f"on {mem.nodes[most].name}{limits}."]
     budgets_now = mem.left(False) if forced is None else [
         b if j == forced else 0 for j, b in enumerate(mem.left(False))]
     budgets_raised = left if forced is None else [b if j == forced else 0 for j, b in enumerate(left)]

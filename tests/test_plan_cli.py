@@ -125,3 +125,76 @@ def test_plan_against_live_daemons_in_peer_order(three_nodes, synthetic):
     assert out["verdict"] == "fits"
     assert [s["address"] for s in out["stages"]] == peers[:len(out["stages"])]
     assert out["objective"] == "memory"  # Linux nodes report no bandwidth
+
+
+def test_sessions_prompt_cache_and_mtp_drafts_in_the_output(tmp_path):
+    args = ("deepseek-r1", "--quant", "4bit", "--node", "m2-ultra:192x3", "--sessions", "8",
+            "--prompt-cache", "8192", "--draft", "mtp")
+    result, out = run_json(*args)
+    assert result.exit_code == 0
+    assert out["prompt_cache_tokens"] == 8192 and out["draft"] == "mtp"
+    spec = model_spec_from_config(load_config("deepseek-r1"), Quantization(4, 32))
+    assert sum(s["prompt_cache_bytes"] for s in out["stages"]) == spec.kv_bytes(0, 61, 8192)
+    assert out["stages"][-1]["mtp_bytes"] == spec.mtp_stage_bytes(out["stages"][-1]["layers"][0])
+    assert all(s["mtp_bytes"] == 0 for s in out["stages"][:-1])
+    serving = out["serving"]
+    single = out["predicted"]["decode_tok_s"]
+    assert serving["sessions"]["sessions"] == 8
+    assert serving["sessions"]["aggregate_tok_s"] > single > serving["sessions"]["per_stream_tok_s"]
+    assert serving["mtp"]["per_stream_tok_s"] > single
+    assert serving["mtp"]["tokens_per_trip"] == pytest.approx(1.85)
+    text = run(*args).output
+    for words in ("cache", "+mtp", "MTP module on m2-ultra-192#3", "with MTP drafts: decode",
+                  "serving 8 sessions at once:", "tok/s per stream", "prompt cache 8192 tokens"):
+        assert words in text, words
+
+
+def test_two_models_at_once_human_and_json():
+    args = ("deepseek-r1", "--quant", "4bit", "--node", "m2-ultra:192x3",
+            "--also", "deepseek-r1-distill-qwen-14b")
+    result, out = run_json(*args)
+    assert result.exit_code == 0
+    assert [m["model"]["name"] for m in out["models"]] == ["deepseek-r1",
+                                                           "deepseek-r1-distill-qwen-14b"]
+    assert [m["role"] for m in out["models"]] == ["main", "also"]
+    layout = {ml["model"]: ml["stages"] for ml in out["layout"]}
+    assert [s["layers"] for s in layout["deepseek-r1"]][-1] == [42, 61]
+    assert [s["layers"] for s in layout["deepseek-r1-distill-qwen-14b"]] == [[0, 48]]
+    shared = [n for n in out["nodes"] if len(n["stages"]) == 2]
+    assert len(shared) == 1 and shared[0]["free_bytes"] >= 0
+    assert shared[0]["sysctl"] in {c["command"] for c in out["wired_limit_commands"]}
+    assert out["models"][1]["why"][0].startswith("deepseek-r1-distill-qwen-14b on ")
+    text = run(*args).output
+    assert "[also] deepseek-r1-distill-qwen-14b" in text and "memory per node" in text
+    assert "beside the stages there" in text and "verdict: fits-with-wired-limit" in text
+    # Forced onto a node with no room left: does not fit, exit 3, and says so.
+    result, out = run_json("deepseek-r1", "--node", "m2-ultra:192x3",
+                           "--also", "deepseek-r1-distill-llama-70b@2")
+    assert result.exit_code == EXIT_DOES_NOT_FIT and out["verdict"] == "does-not-fit"
+    assert out["models"][1]["why"][0].startswith(
+        "deepseek-r1-distill-llama-70b does not fit on m2-ultra-192#2")
+    result = run("deepseek-r1", "--node", "m2-ultra:192x3", "--also", "deepseek-r1-distill-qwen-14b@x")
+    assert result.exit_code == 2 and "no node 'x'" in result.output
+
+
+def test_measured_links_say_which_figures_were_used(tmp_path):
+    path = tmp_path / "links.json"
+    path.write_text(json.dumps({"measured_at": "2026-03-01T12:00:00Z", "links": [
+        {"from": "m2-ultra-192#1", "to": "m2-ultra-192#2", "rtt_ms": 0.4,
+         "throughput_mbps": 18000}]}))
+    args = ("deepseek-r1", "--node", "m2-ultra:192x3", "--links", str(path))
+    result, out = run_json(*args)
+    assert result.exit_code == 0
+    assert [(h["from"], h["to"], h["source"]) for h in out["hops"]] == [
+        ("m2-ultra-192#1", "m2-ultra-192#2", "measured"),
+        ("m2-ultra-192#2", "m2-ultra-192#3", "preset"),
+        ("m2-ultra-192#3", "m2-ultra-192#1", "preset")]
+    text = run(*args).output
+    assert "link m2-ultra-192#1 -> m2-ultra-192#2: measured, 0.4 ms round trip, 18000 Mb/s" in text
+    assert ("link preset tb5 (not measured) for m2-ultra-192#2 -> m2-ultra-192#3, "
+            "m2-ultra-192#3 -> m2-ultra-192#1") in text
+    path.write_text('{"measured_at": "now", "links": [{"from": "a", "to": "b"}]}')
+    result = run(*args)
+    assert result.exit_code == 2 and "rtt_ms" in result.output
+    result = run("deepseek-r1", "--node", "m2-ultra:192x3", "--links", str(tmp_path / "none.json"))
+    assert result.exit_code == 2 and "does not exist" in result.output

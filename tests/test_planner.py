@@ -1,7 +1,10 @@
 """The split: memory limits, bandwidth-aware placement, verdicts and advice, exactness."""
 
 import time
+from dataclasses import replace
 from fractions import Fraction
+
+import pytest
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -10,8 +13,9 @@ from clusterd.models.catalog import load_config
 from shard_planner.costs import get_link, hop_seconds
 from shard_planner.hardware import (GiB, MiB, NodeSpec, hypothetical_node, parse_node_arg,
                                     safe_max_wired_bytes)
-from shard_planner.model_spec import LayerSpec, ModelSpec, Quantization, model_spec_from_config
-from shard_planner.planner import StageCosts, budget_bytes, plan, solve
+from shard_planner.model_spec import (LayerSpec, ModelSpec, MtpSpec, Quantization,
+                                      model_spec_from_config)
+from shard_planner.planner import StageCosts, budget_bytes, plan, solve, solve_pairs
 
 R1 = load_config("deepseek-r1")
 R1_4BIT = model_spec_from_config(R1, Quantization(4, 32), name="deepseek-r1")
@@ -296,3 +300,176 @@ def test_the_search_is_exact(data):
     best = min(v for v, _ in every)
     assert ours is not None
     assert dict((tuple(s), v) for v, s in every)[tuple(ours)] == best
+
+
+# ---------------------------------------------------------------------------------------
+# Module structure: imports go one way.
+
+
+def _planner_imports():
+    """module -> (shard_planner modules it imports at the top, ones it imports in a body)."""
+    import ast
+    import pathlib
+
+    import shard_planner
+
+    root = pathlib.Path(shard_planner.__file__).parent
+    out = {}
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top, nested = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = ([f"{node.module}.{a.name}" for a in node.names]
+                         if node.module == "shard_planner" else [node.module])
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            mods = {n.split(".")[1] for n in names if n.startswith("shard_planner.")}
+            (top if node in tree.body else nested).update(mods)
+        out[path.stem] = (top, nested)
+    return out
+
+
+def test_planner_modules_import_one_way_without_lazy_imports():
+    graph = _planner_imports()
+    assert {"advice", "planner", "stage_costs", "plans"} <= set(graph)
+    assert all(not nested for _, nested in graph.values()), \
+        {m: n for m, (_, n) in graph.items() if n}
+    # advice and the planner no longer import each other: the shared tables are their own.
+    assert "planner" not in graph["advice"][0] and "advice" in graph["planner"][0]
+    assert "stage_costs" in graph["advice"][0]
+    state = {}
+
+    def visit(m, path):
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        if state.get(m) == "done":
+            return
+        state[m] = "open"
+        for dep in graph[m][0] - {"__init__"}:
+            visit(dep, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_each_planner_module_imports_alone_without_mlx_or_grpc():
+    import subprocess
+    import sys
+
+    mods = sorted(f"shard_planner.{m}" for m in _planner_imports() if m != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {mods!r}:\n"
+        "    for k in [k for k in sys.modules if k.startswith('shard_planner')]:\n"
+        "        del sys.modules[k]\n"
+        "    importlib.import_module(m)\n"
+        "assert not [k for k in sys.modules if k.split('.')[0] in ('mlx', 'grpc', 'numpy')]\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The prompt cache and the MTP module in a stage's need.
+
+
+def test_prompt_cache_is_counted_in_each_stage_and_can_make_a_plan_not_fit():
+    spec = toy_spec([GiB] * 4, kv_per_token=64 * 1024)  # 256 MiB of KV per 4096 tokens
+    nodes = [node("a", 3, bw=400), node("b", 3, bw=400)]
+    p = plan(spec, nodes, context=4096, prompt_cache_tokens=0)
+    assert p.verdict == "fits"
+    assert all(s.prompt_cache_bytes == 0 for s in p.stages)
+    default = plan(spec, nodes, context=4096)  # one context's worth by default
+    assert default.prompt_cache_tokens == 4096
+    for s in default.stages:
+        assert s.prompt_cache_bytes == spec.kv_bytes(s.start, s.end, 4096) > 0
+        assert s.need_bytes == (s.weight_bytes + s.kv_bytes + s.prompt_cache_bytes
+                                + s.workspace_bytes + s.reserve_bytes)
+        assert s.need_bytes + s.headroom_bytes <= s.usable_bytes
+    huge = plan(spec, nodes, context=4096, prompt_cache_tokens=40 * 4096)
+    assert huge.verdict == "does-not-fit"
+    (line,) = [a for a in huge.advice if a.startswith("Smaller prompt cache")]
+    tokens = int(line.rsplit("--prompt-cache ", 1)[1])
+    assert plan(spec, nodes, context=4096, prompt_cache_tokens=tokens).fits
+    assert not plan(spec, nodes, context=4096, prompt_cache_tokens=tokens + 256).fits
+    with pytest.raises(ValueError, match="prompt_cache_tokens"):
+        plan(spec, nodes, prompt_cache_tokens=-1)
+
+
+def test_the_mtp_module_goes_on_the_last_stage_with_its_own_cache():
+    nodes = parse_node_arg("m2-ultra:192x3")
+    p = plan(R1_4BIT, nodes, context=4096, sessions=2, draft="mtp")
+    check_plan(p)
+    assert p.draft == "mtp"
+    *first, last = p.stages
+    assert all(s.mtp_bytes == 0 and s.mtp_kv_bytes == 0 for s in first)
+    assert last.mtp_bytes == R1_4BIT.mtp_stage_bytes(last.start) > R1_4BIT.mtp.weight_bytes
+    # One layer of MLA KV for the sessions and the prompt cache (1,152 bytes per token).
+    assert last.mtp_kv_bytes == 1152 * (2 * 4096 + 4096)
+    without = plan(R1_4BIT, nodes, context=4096, sessions=2)
+    assert without.draft is None
+    assert sum(s.need_bytes for s in p.stages) == sum(
+        s.need_bytes for s in without.stages) + last.mtp_bytes + last.mtp_kv_bytes
+
+
+def test_no_room_for_the_mtp_module_falls_back_to_prompt_lookup():
+    base = toy_spec([GiB] * 8)
+    mtp_layer = LayerSpec(index=8, kind="dense", weight_bytes=GiB, active_bytes=GiB,
+                          params=GiB, active_params=GiB, kv_bytes_per_token=0)
+    spec = replace(base, mtp=MtpSpec((mtp_layer,), 0, 0))
+    nodes = [node("a", 5, bw=400), node("b", 5, bw=400)]  # 4.75 GiB each after headroom
+    p = plan(spec, nodes, context=1, draft="mtp")
+    assert p.verdict == "fits" and p.draft == "lookup"
+    assert all(s.mtp_bytes == 0 for s in p.stages)
+    assert any(a.startswith("no room for the MTP layer on the last stage; drafts fall back to "
+                            "prompt lookup") for a in p.advice)
+    roomy = plan(spec, [node("a", 6, bw=400), node("b", 6, bw=400)], context=1, draft="mtp")
+    assert roomy.draft == "mtp" and roomy.stages[-1].mtp_bytes == GiB
+    distill = model_spec_from_config(load_config("deepseek-r1-distill-qwen-14b"), Quantization(4))
+    d = plan(distill, parse_node_arg("m2-ultra:192"), draft="mtp")
+    assert d.draft == "lookup" and any("no MTP layer" in a for a in d.advice)
+
+
+# ---------------------------------------------------------------------------------------
+# Measured links: the search with a cost per pair of nodes is exact too.
+
+
+def brute_force_pairs(costs, nodes, budgets, hidden, token):
+    known = [n.bandwidth for n in nodes if n.bandwidth]
+    mbps = [round((n.bandwidth or min(known)) * 1000) for n in nodes]
+    found = []
+    for v, split in brute_force(costs, nodes, budgets, 0.0):
+        time_ = sum((Fraction(costs.active(a, b) * 1000, mbps[k]) for k, a, b in split),
+                    Fraction(0))
+        ks = [k for k, _, _ in split]
+        if len(ks) > 1:
+            time_ += sum(round(hidden[a][b] * 1e9) for a, b in zip(ks, ks[1:]))
+            time_ += round(token[ks[-1]][ks[0]] * 1e9)
+        found.append(((time_, v[1]), split))
+    return found
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_search_with_measured_links_is_exact(data):
+    spec = data.draw(models())
+    if spec.num_layers > 6:
+        spec = toy_spec([l.weight_bytes for l in spec.layers[:6]])
+    costs = StageCosts(spec, data.draw(st.integers(1, 5000)), 1)
+    nodes = [replace(n, bandwidth_gbs=n.bandwidth or 273) for n in
+             data.draw(clusters(costs, max_nodes=4))]
+    budgets = [budget_bytes(n, n.usable_bytes, 0.05) for n in nodes]
+    ms = st.integers(0, 50).map(lambda x: x * 1e-3)  # whole ms: spread, not all alike
+    hidden = [[data.draw(ms) for _ in nodes] for _ in nodes]
+    token = [[data.draw(ms) for _ in nodes] for _ in nodes]
+    every = brute_force_pairs(costs, nodes, budgets, hidden, token)
+    ours = solve_pairs(costs, nodes, budgets, hidden, token)
+    event(f"{len({len(s) for _, s in every})} different stage counts")
+    if not every:
+        assert ours is None
+        return
+    assert ours is not None
+    assert dict((tuple(s), v) for v, s in every)[tuple(ours)] == min(v for v, _ in every)

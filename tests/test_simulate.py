@@ -82,3 +82,23 @@ def test_calibration_row_and_published_results_for_the_same_hardware():
     assert {"llama.cpp", "mlx-lm (single)"} <= names
     assert matching_anchors(parse_node_arg("m4-pro:64x8"))[0].decode == "5.37"
     assert matching_anchors(parse_node_arg("m4-pro:64x7")) == []
+
+
+def test_bench_predict_puts_mtp_drafts_and_sessions_next_to_exo_tensor_parallel():
+    from clusterd.bench.predict import predictions
+
+    res = predictions(sessions=16)
+    assert res["sessions"] == 16
+    three = next(r for r in res["layouts"] if r["layout"] == "3 x M2 Ultra 192 GB"
+                 and r["link"] == "tb5")
+    assert three["sessions"] == 16 and three["aggregate_tok_s"] > three["decode_tok_s"]
+    rows = {r["layout"]: r for r in res["mtp"]}
+    assert set(rows) == {"3 x M2 Ultra 192 GB", "2 x M3 Ultra 512 GB"}
+    for r in rows.values():
+        assert r["draft"] == "mtp" and r["verdict"] != "does-not-fit"
+        by_a = {m["acceptance"]: m for m in r["mtp"]}
+        assert set(by_a) == {0.85, 0.90}
+        assert r["decode_tok_s"] < by_a[0.85]["decode_tok_s"] < by_a[0.90]["decode_tok_s"]
+        assert by_a[0.85]["aggregate_tok_s"] > by_a[0.85]["decode_tok_s"]
+    assert rows["2 x M3 Ultra 512 GB"]["published_tensor_parallel"][0].startswith("27.8 tok/s")
+    assert rows["3 x M2 Ultra 192 GB"]["published_tensor_parallel"] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shard_planner.multi import MultiPlan
@@ -112,12 +113,14 @@ def _speeds(c: Console, pred: Prediction, serving: dict[str, Optional[ServingPre
         c.print(f"serving {sp.sessions} sessions at once{drafts}: {fmt_rate(sp.aggregate_tok_s)} "
                 f"tok/s in all, {fmt_rate(sp.per_stream_tok_s)} tok/s per stream (one stream "
                 f"alone: {fmt_rate(sp.single_stream_tok_s)}); {sp.groups} micro-batch(es) of up "
-                f"to {sp.batch} on the ring, limited by {limit}", highlight=False)
+                f"to {sp.batch} on the ring" + (f", {sp.sessions - sp.active} waiting their turn"
+                                                if sp.active < sp.sessions else "")
+                + f", limited by {limit}", highlight=False)
 
 
 def _lines(c: Console, lines: Sequence[str]) -> None:
     for line in lines:
-        c.print(line if line.startswith("  ") else f"- {line}", highlight=False)
+        c.print(line if line.startswith("  ") else f"- {line}", highlight=False, markup=False)
 
 
 def _without_wired_block(advice: Sequence[str]) -> list[str]:
@@ -159,7 +162,7 @@ def print_multi(mp: MultiPlan, preds: Sequence[Prediction], sources: Sequence[di
                 serving: Sequence[dict[str, Optional[ServingPrediction]]]) -> None:
     c = console()
     for m, pred, source, sv in zip(mp.models, preds, sources, serving):
-        _header(c, m.plan, source, f"[{m.role}] ")
+        _header(c, m.plan, source, escape(f"[{m.role}] "))
         _table(c, m.plan, pred)
         _speeds(c, pred, sv)
         _lines(c, m.why if m.role == "also" else _without_wired_block(m.plan.advice))
