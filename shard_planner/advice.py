@@ -5,7 +5,7 @@ checked, not guessed."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from shard_planner.costs import hop_seconds
 from shard_planner.hardware import NodeSpec
@@ -37,6 +37,19 @@ def _largest(predicate: Callable[[int], bool], lo: int, hi: int) -> int | None:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if predicate(mid) else (lo, mid - 1)
     return lo
+
+
+def lower_quantizations(spec: ModelSpec) -> Iterator[tuple[Quantization, ModelSpec]]:
+    """The model at each quantization of the ladder that is smaller than it is now."""
+    if not spec.config:
+        return
+    for q in QUANT_LADDER:
+        try:
+            alt = spec.with_quantization(q)
+        except (UnsupportedModel, ValueError, KeyError):
+            return
+        if alt.total_weight_bytes < spec.total_weight_bytes:
+            yield q, alt
 
 
 def _costs(p: Plan, spec: ModelSpec | None = None, context: int | None = None,
@@ -192,23 +205,16 @@ def _infeasible_advice(p: Plan, costs: StageCosts, now: Sequence[int],
     # A lower quantization of the same model: the best that fits at all, and the best that
     # fits without touching the wired limit when that is a different one.
     said: set[str] = set()
-    if spec.config:
-        for q in QUANT_LADDER:
-            try:
-                alt = spec.with_quantization(q)
-            except (UnsupportedModel, ValueError, KeyError):
+    for q, alt in lower_quantizations(spec):
+        where = fits_where(_costs(p, spec=alt), now, raised)
+        if where and where not in said:
+            said.add(where)
+            worse = " (2-bit loses much quality)" if q.bits == 2 else ""
+            out.append(f"Lower quantization: {q.bits}-bit, group {q.group_size} "
+                       f"({_gib(alt.total_weight_bytes)}) fits {where}: "
+                       f"{_quant_flag(q)}{worse}")
+            if where == "at the current limits":
                 break
-            if alt.total_weight_bytes >= spec.total_weight_bytes:
-                continue
-            where = fits_where(_costs(p, spec=alt), now, raised)
-            if where and where not in said:
-                said.add(where)
-                worse = " (2-bit loses much quality)" if q.bits == 2 else ""
-                out.append(f"Lower quantization: {q.bits}-bit, group {q.group_size} "
-                           f"({_gib(alt.total_weight_bytes)}) fits {where}: "
-                           f"{_quant_flag(q)}{worse}")
-                if where == "at the current limits":
-                    break
     out += _more_nodes(p, costs, now, raised)
     out += _smaller_steps(p, now, raised)
     out += _smaller_prompt_cache(p, now, raised)

@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
-from shard_planner.advice import QUANT_LADDER, fits_where
+from shard_planner.advice import fits_where, lower_quantizations
 from shard_planner.hardware import MiB, NodeSpec
 from shard_planner.links import ring_hops
-from shard_planner.model_spec import ModelSpec, UnsupportedModel
+from shard_planner.model_spec import ModelSpec
 from shard_planner.costs import DECODE_EFFICIENCY, DEFAULT_STACK_OVERHEAD_S
 from shard_planner.planner import (
     DOES_NOT_FIT,
@@ -225,19 +225,12 @@ def _does_not_fit(name: str, spec: ModelSpec, mem: _Memory, costs: StageCosts,
     budgets_now = mem.left(False) if forced is None else [
         b if j == forced else 0 for j, b in enumerate(mem.left(False))]
     budgets_raised = left if forced is None else [b if j == forced else 0 for j, b in enumerate(left)]
-    if spec.config:
-        for q in QUANT_LADDER:
-            try:
-                alt = spec.with_quantization(q)
-            except (UnsupportedModel, ValueError, KeyError):
-                break
-            if alt.total_weight_bytes >= spec.total_weight_bytes:
-                continue
-            fit = fits_where(variant(spec=alt), budgets_now, budgets_raised)
-            if fit:
-                out.append(f"Lower quantization of {name}: {q.bits}-bit, group {q.group_size} "
-                           f"({gib(alt.total_weight_bytes)}) fits {fit}.")
-                break
+    for q, alt in lower_quantizations(spec):
+        fit = fits_where(variant(spec=alt), budgets_now, budgets_raised)
+        if fit:
+            out.append(f"Lower quantization of {name}: {q.bits}-bit, group {q.group_size} "
+                       f"({gib(alt.total_weight_bytes)}) fits {fit}.")
+            break
     fit = fits_where(variant(context=costs.context // 2 or 1), budgets_now, budgets_raised)
     if costs.context > 1 and fit:
         out.append(f"Half the context for {name} ({costs.context // 2} tokens) fits {fit}.")

@@ -220,6 +220,12 @@ def models(draw):
     return model_spec_from_config(cfg, q)
 
 
+def small_models():
+    """Models brute force can search: at most 6 layers."""
+    return models().map(lambda spec: spec if spec.num_layers <= 6 else
+                        toy_spec([l.weight_bytes for l in spec.layers[:6]]))
+
+
 @st.composite
 def clusters(draw, costs, max_nodes=5):
     """1-5 nodes sized around an even share of what the model needs (shares, not raw
@@ -283,9 +289,7 @@ def brute_force(costs, nodes, budgets, hop_s):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_search_is_exact(data):
-    spec = data.draw(models())
-    if spec.num_layers > 6:
-        spec = toy_spec([l.weight_bytes for l in spec.layers[:6]])
+    spec = data.draw(small_models())
     context = data.draw(st.integers(1, 5000))
     costs = StageCosts(spec, context, 1)
     nodes = data.draw(clusters(costs, max_nodes=4))
@@ -455,9 +459,7 @@ def brute_force_pairs(costs, nodes, budgets, hidden, token):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_search_with_measured_links_is_exact(data):
-    spec = data.draw(models())
-    if spec.num_layers > 6:
-        spec = toy_spec([l.weight_bytes for l in spec.layers[:6]])
+    spec = data.draw(small_models())
     costs = StageCosts(spec, data.draw(st.integers(1, 5000)), 1)
     nodes = [replace(n, bandwidth_gbs=n.bandwidth or 273) for n in
              data.draw(clusters(costs, max_nodes=4))]
