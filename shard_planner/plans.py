@@ -11,7 +11,7 @@ from shard_planner.links import Hop, PairLinks
 from shard_planner.model_spec import PREFILL_CHUNK, ModelSpec
 
 __all__ = ["DEFAULT_HEADROOM", "DOES_NOT_FIT", "DRAFT_LOOKUP", "DRAFT_MTP", "FITS",
-           "FITS_WIRED", "Plan", "StagePlan"]
+           "FITS_WIRED", "NO_MTP_ROOM", "Plan", "StagePlan"]
 
 FITS = "fits"
 FITS_WIRED = "fits-with-wired-limit"
@@ -23,7 +23,7 @@ DEFAULT_HEADROOM = 0.05
 # lookup (n-grams of the context, no memory) when there is no room for it.
 DRAFT_MTP = "mtp"
 DRAFT_LOOKUP = "lookup"
-NO_MTP_ROOM = ("no room for the MTP layer on the last stage; drafts fall back to prompt lookup")
+NO_MTP_ROOM = "no room for the MTP layer on the last stage; drafts fall back to prompt lookup"
 
 
 @dataclass(frozen=True)
