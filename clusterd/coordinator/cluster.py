@@ -33,21 +33,30 @@ def connect(addresses: Sequence[str], interceptors=()) -> list[Node]:
 def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
               ranges: Sequence[Optional[tuple[int, int]]],
               on_loaded: Optional[Callable[[Node, pb.LoadShardReply], None]] = None,
-              *, model_id: str = "") -> list[LoadedStage]:
+              *, model_id: str = "", limits: Optional[pb.ShardLimits] = None,
+              shard: str = "") -> list[LoadedStage]:
     """Load every stage at once (a node whose range is None takes no part);
     any failure names its node. With model_id (a repository id) each node
-    loads from its own model store, else every node reads model_dir."""
+    loads from its own model store, else every node reads model_dir.
+    `limits` (context, sessions, prefill step, prompt cache) come from the
+    plan and every node enforces them; `shard` names the model on the nodes
+    (two models on one node need two names)."""
     model_path = "" if model_id else str(Path(model_dir).resolve())
     assignments = [(n, r) for n, r in zip(nodes, ranges) if r is not None]
+    lim = pb.ShardLimits()
+    if limits is not None:
+        lim.CopyFrom(limits)
+    lim.ring_stages = len(assignments)
+    name = shard or model_id or Path(model_path).name
 
     def load(i: int) -> LoadedStage:
         node, (start, end) = assignments[i]
         reply = node.peer.load_shard(pb.StageSpec(
             model_path=model_path, model_id=model_id, start_layer=start, end_layer=end,
-            stage_index=i, num_stages=len(assignments)))
+            stage_index=i, num_stages=len(assignments), shard=name, limits=lim))
         if on_loaded:
             on_loaded(node, reply)
-        return LoadedStage(node.peer, start, end, reply.shard.weight_bytes)
+        return LoadedStage(node.peer, start, end, reply.shard.weight_bytes, reply.shard.shard)
 
     with ThreadPoolExecutor(len(assignments)) as pool:
         return list(pool.map(load, range(len(assignments))))
