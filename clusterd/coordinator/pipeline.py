@@ -131,7 +131,11 @@ class RingClient:
             except PeerError:
                 pass  # already gone; its own timeout frees the session
 
-        list(self._pool.map(one, self.stages))
+        if self._closed.is_set():  # a ring replaced after a node loss: end it where it lives
+            for st in self.stages:
+                one(st)
+        else:
+            list(self._pool.map(one, self.stages))
 
     def check_health(self) -> None:
         for st in self.stages:
@@ -187,7 +191,6 @@ def follow(ring: RingClient, events: "queue.Queue", stats: GenerationStats, t0: 
     failure raises GenerationError naming the node."""
     last = len(ring.stages) - 1
     next_check = time.monotonic() + HEALTH_EVERY_S
-    t_first = None
     while not cancelled():
         try:
             i, ev = events.get(timeout=0.25)
@@ -205,10 +208,10 @@ def follow(ring: RingClient, events: "queue.Queue", stats: GenerationStats, t0: 
         if i != last:
             continue
         now = time.monotonic()
-        if t_first is None and (ev.tokens or ev.done):
-            t_first = now
+        if not stats.first_token_at and (ev.tokens or ev.done):
+            stats.first_token_at = now
             stats.ttft_s = now - t0
-        stats.decode_s = now - (t_first or now)
+        stats.decode_s = now - (stats.first_token_at or now)
         stats.trips += 1
         stats.drafted += ev.drafted
         stats.accepted += ev.accepted

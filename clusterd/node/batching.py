@@ -118,11 +118,14 @@ class GroupCaches:
         if not s.group:
             caches, s.caches = s.caches, None
             return caches
-        g = self._groups.get(s.group)
+        gid = s.group
+        g = self._groups.get(gid)
         if g is None or s.session_id not in g.rows:
             s.group = 0
             return None
         self._detach(g, g.rows.index(s.session_id), s)
+        if not g.rows:
+            del self._groups[gid]
         caches, s.caches = s.caches, None
         return caches
 
@@ -140,9 +143,6 @@ class GroupCaches:
         sid = g.rows.pop(i)
         if s is not None and s.session_id == sid:
             s.caches, s.group = own, 0
-        if not g.rows:
-            for k in [k for k, v in self._groups.items() if v is g]:
-                del self._groups[k]
 
 
 @dataclass
