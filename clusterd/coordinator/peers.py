@@ -72,8 +72,9 @@ class PeerHandle:
     def load_shard(self, stage: pb.StageSpec) -> pb.LoadShardReply:
         return self._call("LoadShard", pb.LoadShardRequest(stage=stage), LOAD_TIMEOUT_S)
 
-    def unload(self) -> pb.UnloadReply:
-        return self._call("Unload", pb.UnloadRequest(), 60.0)
+    def unload(self, shard: str = "") -> pb.UnloadReply:
+        """One shard by name, or (empty) every shard the node holds."""
+        return self._call("Unload", pb.UnloadRequest(shard=shard), 60.0)
 
     def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionReply:
         return self._call("OpenSession", request, 30.0)

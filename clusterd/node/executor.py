@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from clusterd.models.stage import load_stage
+from clusterd.models.stage import StageLoadError, load_stage, read_config
 from clusterd.node.batching import GroupCaches, GroupFormer, trim_row
 from clusterd.node.cache_store import PromptCache, materialize
 from clusterd.node.checks import activation_problem
@@ -203,9 +203,20 @@ class Executor:
                     and (current.stage.bounds.start, current.stage.bounds.end) == (start, end)
                     and current.limits == limits):
                 return current  # already held: the next run starts at once
+            # Refuse before touching what is held: the stage's bytes are known
+            # from its config (the planner's exact count).
+            config = read_config(Path(path))
+            try:
+                spec = spec_for(config)
+            except (ValueError, KeyError, TypeError) as e:
+                raise StageLoadError(f"config.json does not describe a model clusterd can "
+                                     f"plan: {str(e)[:200]}") from None
+            need = budget(spec, start, end, limits, spec.stage_weight_bytes(start, end))
+            others = self.shards.reserved_bytes(except_name=name)
+            if usable_bytes is not None and others + need.total > usable_bytes:
+                raise LimitError(_too_big(need, others, usable_bytes, limits))
             if current is not None:
                 self.unload(name)  # never hold two copies of a shard
-            others = self.shards.reserved_bytes(except_name=name)
             t0 = time.monotonic()
 
             def stop_check() -> bool:
@@ -214,12 +225,9 @@ class Executor:
             def work() -> Shard:
                 stage = load_stage(path, start, end, max_bytes=usable_bytes,
                                    cancelled=stop_check)
-                spec = spec_for(stage.config)
-                need = budget(spec, start, end, limits, stage.weight_bytes)
-                if usable_bytes is not None and others + need.total > usable_bytes:
-                    raise LimitError(_too_big(need, others, usable_bytes, limits))
-                return Shard(name=name, stage=stage, limits=limits, budget=need,
-                                          kv_bytes_per_token=_kv_per_token(spec, start, end),
+                held = budget(spec, start, end, limits, stage.weight_bytes)
+                return Shard(name=name, stage=stage, limits=limits, budget=held,
+                             kv_bytes_per_token=_kv_per_token(spec, start, end),
                              prompt_cache=PromptCache(limits.prompt_cache_bytes))
 
             try:

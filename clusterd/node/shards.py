@@ -20,7 +20,8 @@ from shard_planner.model_spec import ModelSpec, model_spec_from_config
 MAX_CONTEXT = 1 << 20
 MAX_SESSIONS = 1024
 MAX_PREFILL_STEP = 1 << 16
-DEFAULT_LIMITS = pb.ShardLimits(context=4096, max_sessions=8, prefill_step=2048,
+# What a LoadShard without limits gets: the planner's defaults.
+DEFAULT_LIMITS = pb.ShardLimits(context=4096, max_sessions=1, prefill_step=2048,
                                 prompt_cache_bytes=0, ring_stages=1)
 
 
