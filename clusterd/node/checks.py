@@ -75,6 +75,16 @@ def activation_problem(act: pb.Activation, shard: Shard, raw: Optional[bytes] = 
     return ""
 
 
+def _address_ok(address: str) -> bool:
+    """HOST:PORT (a name, IPv4, or [IPv6]) of reasonable length, port 1-65535."""
+    host, _, port = address.rpartition(":")
+    if not host or len(address) > 300 or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    if host.startswith("["):
+        return host.endswith("]") and all(c in "0123456789abcdefABCDEF:." for c in host[1:-1])
+    return all(c.isalnum() or c in "-._" for c in host)
+
+
 def _finite_range(name: str, v: float, lo: float, hi: float) -> str:
     if not math.isfinite(v) or not lo <= v <= hi:
         return f"{name} must be a finite number in [{lo:g}, {hi:g}] (got {v:g})"
@@ -88,8 +98,8 @@ def open_session_problem(req: pb.OpenSessionRequest, shard: Shard) -> str:
         return f"session_id must be 1-{MAX_ID_CHARS} characters"
     if len(req.client_id) > MAX_ID_CHARS:
         return f"client_id must be at most {MAX_ID_CHARS} characters"
-    if len(req.next_address) > 300:
-        return "next_address is too long"
+    if req.next_address and not _address_ok(req.next_address):
+        return f"next_address {quoted(req.next_address)} is not HOST:PORT"
     t = req.timeout_seconds
     if t and (not math.isfinite(t) or not 0 < t <= MAX_TIMEOUT_S):
         return f"timeout_seconds must be in (0, {MAX_TIMEOUT_S:g}] (got {t:g})"

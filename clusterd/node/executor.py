@@ -175,7 +175,12 @@ class Executor:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=2)
+        with self._cond:  # whoever waits on a job that will never run hears why now
+            pending, self._control = list(self._control), deque()
+        for _, fut in pending:
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(Stopping("the node is stopping"))
         self.link_server.close()
         with self._links_lock:
             links = list(self._links.values())
@@ -211,6 +216,9 @@ class Executor:
             except (ValueError, KeyError, TypeError) as e:
                 raise StageLoadError(f"config.json does not describe a model clusterd can "
                                      f"plan: {str(e)[:200]}") from None
+            if not 0 <= start < end <= spec.num_layers:
+                raise StageLoadError(f"layer range [{start}, {end}) is outside the model's "
+                                     f"{spec.num_layers} layers")
             need = budget(spec, start, end, limits, spec.stage_weight_bytes(start, end))
             others = self.shards.reserved_bytes(except_name=name)
             if usable_bytes is not None and others + need.total > usable_bytes:
