@@ -48,12 +48,13 @@ class LocalNode:
 
 def start_node(workdir: Path, name: str, *, extra: Sequence[str] = (),
                env: Optional[dict] = None, prefix: Sequence[str] = (),
-               host: str = "127.0.0.1", mdns: bool = False, timeout: float = 60.0) -> LocalNode:
+               host: str = "127.0.0.1", mdns: bool = False, timeout: float = 60.0,
+               port: int = 0) -> LocalNode:
     """Start `clusterd up` on a free port and wait for its ready line.
     Without `mdns` the node is found by address and advertises nothing."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
-    cmd = [*prefix, sys.executable, "-m", "clusterd", "up", "--host", host, "--port", "0",
+    cmd = [*prefix, sys.executable, "-m", "clusterd", "up", "--host", host, "--port", str(port),
            "--name", name, *([] if mdns else ["--no-mdns"]), *extra]
     proc_env = {**os.environ, **(env or {})}
     if "CLUSTERD_HOME" not in (env or {}):
@@ -86,12 +87,11 @@ class LocalCluster:
     nodes: list[LocalNode] = field(default_factory=list)
 
     def __enter__(self) -> "LocalCluster":
-        root = self.workdir or Path(tempfile.mkdtemp(prefix="clusterd-local-"))
-        # Each node has its own folder (its own node id) but this Mac's secret.
-        env = {SECRET_ENV: load_secret(clusterd_home(), create=True)}
+        self._root = self.workdir or Path(tempfile.mkdtemp(prefix="clusterd-local-"))
         try:
             for i in range(self.count):
-                node = start_node(root, f"{self.prefix}{i}", extra=self.extra, env=env)
+                node = start_node(self._root, f"{self.prefix}{i}", extra=self.extra,
+                                  env=self._env())
                 self.nodes.append(node)
         except BaseException:
             self.stop()
@@ -100,6 +100,21 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @staticmethod
+    def _env() -> dict:
+        # Each node has its own folder (its own node id) but this Mac's secret.
+        return {SECRET_ENV: load_secret(clusterd_home(), create=True)}
+
+    def restart(self, i: int) -> LocalNode:
+        """Start node i again (after it stopped or was killed), same name,
+        folder and port, as a Mac coming back would."""
+        old = self.nodes[i]
+        old.stop()
+        port = int(old.address.rsplit(":", 1)[1])
+        self.nodes[i] = start_node(self._root, old.name, extra=self.extra, env=self._env(),
+                                   port=port)
+        return self.nodes[i]
 
     @property
     def addresses(self) -> list[str]:

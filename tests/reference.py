@@ -26,3 +26,10 @@ def mlx_lm_text(tokenizer, tokens: list[int]) -> str:
         detok.add_token(t)
     detok.finalize()
     return detok.text
+
+
+def teacher_forced_misses(path: Path, prompt, tokens, tolerance: float = 1e-4, model=None):
+    """Tokens that are neither mlx-lm's argmax on their prefix nor within
+    `tolerance` of it in log-probability (see clusterd.reference)."""
+    return reference.teacher_forced_misses(path, list(prompt), list(tokens), tolerance,
+                                           model=model or _model(str(path)))

@@ -20,7 +20,7 @@ def _bench(*args, timeout=240):
 def test_bench_writes_every_layout_with_ratios(tmp_path, synthetic):
     model = synthetic("deepseek_v3", "tiny")
     stdout = _bench(str(model), "--nodes", "1,2", "-r", "1", "--warmup", "0",
-                    "--prompt-tokens", "4", "--new-tokens", "4", "--hop-probes", "2",
+                    "--prompt-tokens", "4", "--new-tokens", "4",
                     "--no-hop", "--out", str(tmp_path), "--name", "t")
     result = json.loads((tmp_path / "t.json").read_text())
     names = [s["name"] for s in result["subjects"]]
@@ -35,7 +35,7 @@ def test_bench_writes_every_layout_with_ratios(tmp_path, synthetic):
         assert s["memory"] and all(m["rss_bytes"] > 0 for m in s["memory"])
         assert s["tokens_match_mlx_lm"] is True, s["name"]  # greedy: the same ids everywhere
     two = next(s for s in result["subjects"] if s["name"] == "clusterd 2 nodes")
-    assert two["split"] == [3, 3] and two["hop_rtt"]["n"] == 2 and two["hop_in_pipeline"]
+    assert two["split"] == [3, 3] and two["hop_in_pipeline"]["n"] > 0
     assert result["command"].startswith("clusterd bench ")
     assert {"cpu_count", "ram_bytes", "os", "mlx"} <= set(result["machine"])
     assert result["code"]["executor_sha256"]
@@ -74,7 +74,7 @@ def test_hop_report_puts_tcp_next_to_the_rpc(tmp_path):
 
     hop = measure_hop(tmp_path, rounds=1, count=5, decode_tokens=4, pace_s=0.001)
     assert hop["payload_bytes"] == 7168 * 4
-    for key in ("tcp_round_trip", "forward_rpc_round_trip", "pipeline_hop"):
+    for key in ("tcp_round_trip", "pipeline_hop"):
         assert hop[key]["n"] > 0 and hop[key]["p50_ms"] == hop[key]["p50_ms"]  # not nan
-    assert hop["forward_rpc_over_tcp_p50"] > 0
+    assert hop["pipeline_hop_over_tcp_p50"] is not None
     assert set(hop["plain_transports"]) >= {"tcp_one_way", "grpc_stream_one_way"}

@@ -29,6 +29,7 @@ from clusterd.discovery import (
 )
 from clusterd.local_cluster import start_node
 from clusterd.security import SECRET_ENV
+from clusterd.wire import PROTOCOL_VERSION
 
 LO = ["127.0.0.1"]
 GIB = 2**30
@@ -170,7 +171,8 @@ def test_discover_verifies_mdns_nodes_and_peers(mdns_node, tmp_path, monkeypatch
             dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
         peer_id = _node_id(plain)
         result = discover(probe_node, timeout=3, interfaces=LO,
-                          peers=[plain.address, mdns_node.address, dead], protocol_version=1)
+                          peers=[plain.address, mdns_node.address, dead],
+                          protocol_version=PROTOCOL_VERSION)
         by_id = {r.node.node_id: r for r in result.reports}
         assert by_id[node_id].usable and by_id[node_id].node.source == "mdns"  # merged, not twice
         assert sum(r.node.node_id == node_id for r in result.reports) == 1

@@ -32,7 +32,8 @@ def test_killed_coordinator_frees_sessions_and_nodes_serve_on(three_nodes, synth
     # Greedy on this model from "a" runs 2137 tokens before its stop token:
     # still generating when it is killed.
     coordinator = subprocess.Popen(
-        run_cmd(model, three_nodes.addresses, "--prompt", "a", "--max-tokens", "1000000"),
+        run_cmd(model, three_nodes.addresses, "--prompt", "a", "--context", "8192",
+                "--max-tokens", "8000"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
         generating = wait_for(lambda: all(p.info().sessions for p in peers)

@@ -33,8 +33,26 @@ def model(synthetic):
     return synthetic("deepseek_v3", "tiny")
 
 
-def stage(path, start, end):
-    return pb.StageSpec(model_path=str(path), start_layer=start, end_layer=end)
+def stage(path, start, end, **limits):
+    return pb.StageSpec(model_path=str(path), start_layer=start, end_layer=end,
+                        limits=pb.ShardLimits(**limits) if limits else None)
+
+
+def chunk(shard, sid, position=0, tokens=None, hidden=None, width=None):
+    """A prompt chunk of one session, as the coordinator sends it."""
+    act = pb.Activation(shard=shard, rows=[pb.Row(session_id=sid, position=position)])
+    if tokens is not None:
+        act.tokens.ids[:] = tokens
+        act.width = width or len(tokens)
+    if hidden is not None:
+        act.hidden.CopyFrom(hidden)
+        act.width = width or (hidden.shape[1] if len(hidden.shape) > 1 else 1)
+    return act
+
+
+def open_req(shard, sid, **kw):
+    return pb.OpenSessionRequest(session_id=sid, shard=shard, next_address="127.0.0.1:1",
+                                 max_tokens=kw.pop("max_tokens", 8), client_id="test", **kw)
 
 
 def refused(fn, code: grpc.StatusCode) -> str:
@@ -62,46 +80,49 @@ def test_layer_range_outside_model(peer, model):
     assert_alive(peer)
 
 
-def test_unknown_session(peer, model):
-    peer.load_shard(stage(model, 0, 2))
-    msg = refused(lambda: peer.forward(pb.Activation(session_id="ghost",
-                                                     tokens=pb.TokenIds(ids=[1]))),
+def test_unknown_session_and_shard(peer, model):
+    shard = peer.load_shard(stage(model, 0, 2)).shard.shard
+    msg = refused(lambda: peer.forward(chunk(shard, "ghost", tokens=[1])),
                   grpc.StatusCode.NOT_FOUND)
     assert "ghost" in msg
-    with pytest.raises(PeerError) as e:
-        list(peer.stream_tokens("ghost"))
-    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    msg = refused(lambda: peer.forward(chunk("no-such-model", "ghost", tokens=[1])),
+                  grpc.StatusCode.FAILED_PRECONDITION)
+    assert "no shard 'no-such-model'" in msg and shard[:20] in msg
+    refused(lambda: peer.open_session(open_req("no-such-model", "x")),
+            grpc.StatusCode.FAILED_PRECONDITION)
     assert_alive(peer)
 
 
 def test_tensor_length_must_match_shape_and_dtype(peer, model):
-    peer.load_shard(stage(model, 2, 4))  # a middle stage takes hidden states
+    shard = peer.load_shard(stage(model, 2, 4)).shard.shard  # a middle stage: hidden states
     hidden = json.loads((model / "config.json").read_text())["hidden_size"]
-    peer.open_session(pb.OpenSessionRequest(session_id="s1", next_address="127.0.0.1:1"))
+    peer.open_session(open_req(shard, "s1"))
     short = pb.Tensor(data=b"\0" * (4 * hidden - 4), dtype="float32", shape=[1, 1, hidden])
-    msg = refused(lambda: peer.forward(pb.Activation(session_id="s1", hidden=short)),
+    msg = refused(lambda: peer.forward(chunk(shard, "s1", hidden=short)),
                   grpc.StatusCode.INVALID_ARGUMENT)
     assert f"needs {4 * hidden}" in msg
     wrong_width = pb.Tensor(data=b"\0" * 4 * 7, dtype="float32", shape=[1, 1, 7])
-    assert "expected [1, L" in refused(
-        lambda: peer.forward(pb.Activation(session_id="s1", hidden=wrong_width)),
+    assert f"expected [1, 1, {hidden}]" in refused(
+        lambda: peer.forward(chunk(shard, "s1", hidden=wrong_width)),
         grpc.StatusCode.INVALID_ARGUMENT)
     odd_dtype = pb.Tensor(data=b"\0" * 8 * hidden, dtype="complex64", shape=[1, 1, hidden])
     assert "dtype" in refused(
-        lambda: peer.forward(pb.Activation(session_id="s1", hidden=odd_dtype)),
+        lambda: peer.forward(chunk(shard, "s1", hidden=odd_dtype)),
         grpc.StatusCode.INVALID_ARGUMENT)
-    tokens = pb.Activation(session_id="s1", tokens=pb.TokenIds(ids=[3]))
-    assert "hidden state" in refused(lambda: peer.forward(tokens), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "hidden state" in refused(lambda: peer.forward(chunk(shard, "s1", tokens=[3])),
+                                     grpc.StatusCode.INVALID_ARGUMENT)
     peer.end_session("s1")
     assert_alive(peer)
 
 
 def test_token_ids_outside_vocabulary(peer, model):
-    peer.load_shard(stage(model, 0, 2))
+    shard = peer.load_shard(stage(model, 0, 2)).shard.shard
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    peer.open_session(pb.OpenSessionRequest(session_id="s2", next_address="127.0.0.1:1"))
-    msg = refused(lambda: peer.forward(pb.Activation(session_id="s2",
-                                                     tokens=pb.TokenIds(ids=[vocab]))),
+    peer.open_session(open_req(shard, "s2"))
+    msg = refused(lambda: peer.forward(chunk(shard, "s2", tokens=[vocab])),
+                  grpc.StatusCode.INVALID_ARGUMENT)
+    assert "outside the vocabulary" in msg
+    msg = refused(lambda: peer.open_session(open_req(shard, "s3", prompt=[1, vocab])),
                   grpc.StatusCode.INVALID_ARGUMENT)
     assert "outside the vocabulary" in msg
     peer.end_session("s2")
@@ -142,9 +163,11 @@ def test_corrupt_weight_file_fails_cleanly_and_node_stays_usable(peer, model, tm
     first_file = index["weight_map"]["model.embed_tokens.weight"]
     data = (bad / first_file).read_bytes()
     (bad / first_file).write_bytes(data[: len(data) // 2])  # truncated
+    before = [s.shard for s in peer.info().shards]
     msg = refused(lambda: peer.load_shard(stage(bad, 0, 2)), grpc.StatusCode.INVALID_ARGUMENT)
     assert first_file in msg or "corrupt" in msg
-    assert peer.info().has_shard is False  # the failed load left nothing half-loaded
+    # The failed load left nothing half-loaded, and what was held is still held.
+    assert [s.shard for s in peer.info().shards] == before
     assert peer.load_shard(stage(model, 0, 2)).shard.end_layer == 2
 
 
@@ -164,8 +187,12 @@ def test_memory_limit_is_enforced(tmp_path, model):
     try:
         p = PeerHandle(d.address)
         assert p.info().usable_memory_bytes == 64 * 1024
-        msg = refused(lambda: p.load_shard(stage(model, 0, 6)), grpc.StatusCode.INVALID_ARGUMENT)
-        assert "usable" in msg
+        with pytest.raises(PeerError) as e:
+            p.load_shard(stage(model, 0, 6))
+        # Refused on the weights alone, or on weights + KV + workspace: either names the room.
+        assert e.value.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED), str(e.value)
+        assert "usable" in str(e.value)
         assert_alive(p)
         p.close()
     finally:
@@ -204,9 +231,9 @@ def test_clusterd_down_stops_this_macs_daemons(tmp_path):
 
 def test_loading_the_same_shard_again_keeps_it_and_its_sessions(peer, model):
     first = peer.load_shard(stage(model, 0, 2))
-    peer.open_session(pb.OpenSessionRequest(session_id="kept", next_address="127.0.0.1:1"))
+    peer.open_session(open_req(first.shard.shard, "kept"))
     again = peer.load_shard(stage(model, 0, 2))
-    assert again.shard == first.shard
+    assert again.shard.shard == first.shard.shard and again.shard.end_layer == 2
     assert [s.session_id for s in peer.info().sessions] == ["kept"]
     other = peer.load_shard(stage(model, 0, 3))  # a different range is a real reload
     assert other.shard.end_layer == 3 and not peer.info().sessions

@@ -1,12 +1,10 @@
 """One decode hop on its own, next to a plain TCP round trip of the same bytes.
 
-Three numbers, measured in the same run and interleaved so load hits all:
+Measured in the same run and interleaved so load hits all:
   tcp          a length-prefixed message of the hidden vector's bytes to another
                process and a one-byte answer back (TCP_NODELAY, loopback): the floor.
-  forward_rtt  the real Forward RPC carrying one hidden vector of R1's width into
-               a real daemon, through the client stack a stage uses for its next
-               hop (NextHops: cached channel, cluster-secret proof per call).
-  pipeline     the cost of one hop inside a running ring: decode on the hop model
+  pipeline     the cost of one hop inside a running ring (stages talk over their
+               persistent links): decode on the hop model
                split over 3 daemons minus the same layers in 1 daemon, per hop.
                Clock-free (every interval is measured on the coordinator's clock),
                so it also holds between Macs.
@@ -28,11 +26,6 @@ from clusterd.bench.layouts import ClusterdLayout, LayoutSpec
 from clusterd.bench.stats import latency_summary
 from clusterd.bench.transports import TransportPeer
 from clusterd.local_cluster import LocalCluster
-from clusterd.node.daemon import NextHops
-from clusterd.node.executor import HOP_TIMEOUT_S
-from clusterd.security import ClientSecurity
-from clusterd.wire import clusterd_pb2 as pb
-from clusterd.wire.tensors import to_wire
 
 Progress = Callable[[str], None]
 
@@ -78,44 +71,6 @@ class TcpPeer:
         self.proc.stdout.close()
 
 
-def forward_round_trips(address: str, session_id: str, hidden, count: int,
-                        pace_s: float, step0: int = 0) -> list[float]:
-    """Forward RPCs of `hidden` into the stage at `address` (which must have
-    `session_id` open), each timed from building the message to the reply,
-    exactly the work Executor._send does per hop."""
-    import mlx.core as mx
-
-    stub = NextHops(security=ClientSecurity.from_environment())(address)
-    mx.eval(hidden)
-    out = []
-    for i in range(count):
-        t = time.perf_counter()
-        act = pb.Activation(session_id=session_id, step=step0 + i, sample=False)
-        to_wire(hidden, out=act.hidden)
-        stub.Forward(act, timeout=HOP_TIMEOUT_S)
-        out.append(time.perf_counter() - t)
-        time.sleep(pace_s)
-    return out
-
-
-def layout_hop_probe(layout: ClusterdLayout, count: int, pace_s: float) -> list[float]:
-    """Forward round trips of one hidden vector of the model's width into each
-    stage after the first of a loaded layout (from the coordinator: on one
-    machine that is the same loopback link the stages use)."""
-    import mlx.core as mx
-
-    h = mx.zeros((1, 1, layout.hidden_size), dtype=layout.activation_dtype)
-    out: list[float] = []
-    for i in range(1, len(layout.stages)):
-        sid = f"hop-probe-{i}-{time.monotonic_ns()}"
-        layout.probe_session(i, sid)
-        try:
-            out += forward_round_trips(layout.stages[i].peer.address, sid, h, count, pace_s)
-        finally:
-            layout.end_probe_session(i, sid)
-    return out
-
-
 def _prompt(n: int, vocab: int) -> list[int]:
     return [(i * 37 + 11) % (vocab - 2) + 2 for i in range(n)]
 
@@ -132,7 +87,6 @@ def measure_hop(workdir: Path, *, rounds: int = 5, count: int = 200, pace_s: flo
     mx.eval(h)
     payload = bytes(memoryview(h))
     tcp_s: list[float] = []
-    rpc_s: list[float] = []
     raw: dict[str, list[float]] = {k: [] for k in TRANSPORTS}
     one: list[float] = []  # per-token intervals, all layers on one daemon
     three: list[float] = []  # the same layers on three daemons
@@ -143,19 +97,13 @@ def measure_hop(workdir: Path, *, rounds: int = 5, count: int = 200, pace_s: flo
         ring = ClusterdLayout(model, cluster.addresses[1:], LayoutSpec(3, (1, 1, 1), "given"))
         tcp = TcpPeer()
         transports = TransportPeer()
-        sid = "hop-probe"
-        ring.probe_session(2, sid)  # Forward probes go into the last stage, which never samples
         try:
             for gen in (single, ring):  # warm-up: first-call costs stay out of the numbers
                 gen.generate(prompt, 8, 2048)
             tcp.round_trips(payload, 20, pace_s)
-            forward_round_trips(ring.stages[2].peer.address, sid, h, 20, pace_s, step0=10**6)
             for r in range(rounds):
                 progress(f"round {r + 1}/{rounds}: TCP")
                 tcp_s += tcp.round_trips(payload, count, pace_s)
-                progress(f"round {r + 1}/{rounds}: Forward RPC")
-                rpc_s += forward_round_trips(ring.stages[2].peer.address, sid, h, count, pace_s,
-                                             step0=r * count)
                 progress(f"round {r + 1}/{rounds}: plain gRPC unary / stream")
                 for key, measure in TRANSPORTS.items():
                     raw[key] += measure(transports, payload, count, pace_s)
@@ -163,40 +111,35 @@ def measure_hop(workdir: Path, *, rounds: int = 5, count: int = 200, pace_s: flo
                 one += single.generate(prompt, decode_tokens, 2048).intervals
                 three += ring.generate(prompt, decode_tokens, 2048).intervals
         finally:
-            ring.end_probe_session(2, sid)
             tcp.close()
             transports.close()
             single.close()
             ring.close()
-    report = hop_report(len(payload), tcp_s, rpc_s, one, three, hops=3, hidden=hidden)
+    report = hop_report(len(payload), tcp_s, one, three, hops=3, hidden=hidden)
     report["plain_transports"] = {k: latency_summary(v) for k, v in raw.items()}
     report["notes"].append(
         "plain_transports: the same bytes between two plain Python processes (no clusterd "
-        "code): what a persistent stream per next hop would cost instead of a unary call")
+        "code), over gRPC unary calls and streams: what the stages' raw links replace")
     return report
 
 
-def hop_report(payload_bytes: int, tcp_s: Sequence[float], rpc_s: Sequence[float],
-               one: Sequence[float], three: Sequence[float], *, hops: int, hidden: int) -> dict:
+def hop_report(payload_bytes: int, tcp_s: Sequence[float], one: Sequence[float],
+               three: Sequence[float], *, hops: int, hidden: int) -> dict:
     base = statistics.median(one) if one else float("nan")
     # Each token's extra time on 3 daemons over the 1-daemon median, per hop.
     per_hop = [(x - base) / hops for x in three]
     tcp = latency_summary(tcp_s)
-    rpc = latency_summary(rpc_s)
     pipe = latency_summary(per_hop)
     return {
         "hidden": hidden,
         "payload_bytes": payload_bytes,
         "tcp_round_trip": tcp,
-        "forward_rpc_round_trip": rpc,
         "pipeline_hop": pipe,
         "decode_interval_1_daemon": latency_summary(one),
         "decode_interval_3_daemons": latency_summary(three),
-        "forward_rpc_over_tcp_p50": rpc["p50_ms"] / tcp["p50_ms"] if tcp["n"] else None,
         "pipeline_hop_over_tcp_p50": pipe["p50_ms"] / tcp["p50_ms"] if tcp["n"] else None,
         "notes": [
             "tcp: length-prefixed message of the same bytes to another process, 1-byte answer",
-            "forward_rpc: real Forward RPC into a real daemon through the stage client (NextHops)",
             "pipeline_hop: (3-daemon decode interval - 1-daemon median) / 3 hops, hop model",
         ],
     }

@@ -14,7 +14,6 @@ from clusterd.coordinator.placement import SplitError, parse_split, plan_ranges,
 from clusterd.coordinator.peers import PeerError
 from clusterd.coordinator.pipeline import GenerationStats, Pipeline, Sampling
 from clusterd.models.stage import read_config
-from clusterd.wire import clusterd_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -121,24 +120,6 @@ class ClusterdLayout:
             except PeerError:
                 out.append(ProcessMemory(st.peer.name, 0, 0, (st.start, st.end)))
         return out
-
-    def probe_session(self, stage_index: int, session_id: str) -> None:
-        """Open `session_id` on stages stage_index.. (each forwarding to the
-        next, the last one never sampling): a path for hop probes that ends
-        at the last stage instead of going around the ring."""
-        n = len(self.stages)
-        for i in reversed(range(stage_index, n)):
-            nxt = self.stages[i + 1].peer.address if i + 1 < n else ""
-            self.stages[i].peer.open_session(pb.OpenSessionRequest(
-                session_id=session_id, next_address=nxt, max_tokens=1 << 30,
-                timeout_seconds=120.0, sampling=pb.SamplingParams(temperature=0.0)))
-
-    def end_probe_session(self, stage_index: int, session_id: str) -> None:
-        for st in self.stages[stage_index:]:
-            try:
-                st.peer.end_session(session_id)
-            except PeerError:
-                pass
 
     def close(self) -> None:
         for st in self.stages:

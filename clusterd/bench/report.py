@@ -37,15 +37,15 @@ def print_table(result: dict, console: Console) -> None:
                     f"{w['new_tokens']} new tokens, median of {w['repetitions']} "
                     f"(± half the min-max range)")
     for col in ("layout", "split", "TTFT s", "prefill tok/s", "decode tok/s",
-                "decode ÷ mlx-lm", "TTFT ÷ mlx-lm", "hop RTT p50/p99 ms", "RSS MiB per process"):
+                "decode ÷ mlx-lm", "TTFT ÷ mlx-lm", "hop in ring p50 ms", "RSS MiB per process"):
         t.add_column(col, justify="left" if col in ("layout", "split") else "right")
     for s in result["subjects"]:
         if s.get("error"):
             t.add_row(s["name"], ",".join(map(str, s.get("split", []))), "[red]failed[/red]",
                       "", "", "", "", "", s["error"][:60])
             continue
-        hop = s.get("hop_rtt") or {}
-        hop_txt = f"{hop['p50_ms']:.2f}/{hop['p99_ms']:.2f}" if hop.get("n") else "-"
+        hop = s.get("hop_in_pipeline") or {}
+        hop_txt = f"{hop['p50_ms']:.3f}" if hop.get("n") else "-"
         mem = "/".join(f"{m['rss_bytes'] / MiB:.0f}" for m in s.get("memory", []))
         t.add_row(
             s["name"], ",".join(map(str, s.get("split", []))),
@@ -68,7 +68,6 @@ def print_hop(hop: dict, console: Console) -> None:
         t.add_column(col, justify="left" if col == "what" else "right")
     tcp = hop["tcp_round_trip"]["p50_ms"]
     rows = [("plain TCP round trip (floor)", hop["tcp_round_trip"]),
-            ("Forward RPC round trip into a daemon", hop["forward_rpc_round_trip"]),
             ("one hop inside a running ring", hop["pipeline_hop"])]
     for name, s in hop.get("plain_transports", {}).items():
         rows.append((f"plain {name.replace('_', ' ')}", s))
@@ -85,7 +84,7 @@ CSV_FIELDS = [
     "name", "kind", "stages", "split", "ttft_s_median", "ttft_s_spread_pct",
     "prefill_tok_s_median", "decode_tok_s_median", "decode_tok_s_min", "decode_tok_s_max",
     "decode_tok_s_spread_pct", "decode_vs_mlx_lm", "ttft_vs_mlx_lm", "prefill_vs_mlx_lm",
-    "hop_rtt_p50_ms", "hop_rtt_p99_ms", "hop_in_pipeline_p50_ms", "hop_in_pipeline_p99_ms",
+    "hop_in_pipeline_p50_ms", "hop_in_pipeline_p99_ms",
     "max_rss_mib", "total_rss_mib", "tokens_match_mlx_lm", "error",
 ]
 
@@ -97,7 +96,6 @@ def write_csv(result: dict, path: Path) -> None:
         for s in result["subjects"]:
             d = s.get("decode_tok_s") or {}
             rss = [m["rss_bytes"] for m in s.get("memory", [])] or [0]
-            hop = s.get("hop_rtt") or {}
             pipe = s.get("hop_in_pipeline") or {}
             w.writerow({
                 "name": s["name"], "kind": s["kind"], "stages": s["stages"],
@@ -110,7 +108,6 @@ def write_csv(result: dict, path: Path) -> None:
                 "decode_vs_mlx_lm": s.get("decode_vs_mlx_lm"),
                 "ttft_vs_mlx_lm": s.get("ttft_vs_mlx_lm"),
                 "prefill_vs_mlx_lm": s.get("prefill_vs_mlx_lm"),
-                "hop_rtt_p50_ms": hop.get("p50_ms"), "hop_rtt_p99_ms": hop.get("p99_ms"),
                 "hop_in_pipeline_p50_ms": pipe.get("p50_ms"),
                 "hop_in_pipeline_p99_ms": pipe.get("p99_ms"),
                 "max_rss_mib": max(rss) / MiB, "total_rss_mib": sum(rss) / MiB,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clusterd.bench.baselines import MlxLm, MlxRing
-from clusterd.bench.hop import layout_hop_probe, measure_hop, pace_for
+from clusterd.bench.hop import measure_hop
 from clusterd.bench.layouts import ClusterdLayout, LayoutSpec, layout_specs
 from clusterd.bench.runs import RunResult, Subject
 from clusterd.bench.stats import (code_version, latency_summary, load_average, machine,
@@ -40,7 +40,6 @@ class BenchConfig:
     ring: bool = True
     ring_via_launcher: bool = False  # run mlx.launch itself (its I/O relay busy-polls)
     hop: bool = True
-    hop_probes: int = 30
     command: str = "clusterd bench"
 
 
@@ -50,7 +49,6 @@ class _Entry:
     name: str
     subject: Optional[Subject] = None
     runs: list[RunResult] = field(default_factory=list)
-    hop_rtt: list[float] = field(default_factory=list)
     memory: list = field(default_factory=list)
     error: str = ""
     closed: bool = False
@@ -215,16 +213,6 @@ def _measure_group(group: list[_Entry], cfg: BenchConfig, prompt: list[int], con
                         e.error = f"{type(ex).__name__}: {ex}"
                 p.advance(task)
         for e in live:
-            if isinstance(e.subject, ClusterdLayout) and len(e.subject.stages) > 1 and e.runs \
-                    and cfg.hop_probes and not e.error:
-                p.update(task, description=f"hop probes: {e.name}")
-                step = statistics.median([x for run in e.runs for x in run.intervals] or [0.0])
-                try:
-                    e.hop_rtt = layout_hop_probe(e.subject, cfg.hop_probes, pace_for(step))
-                except Exception as ex:
-                    result["skipped"].append({"name": f"hop probe of {e.name}",
-                                              "reason": str(ex)})
-        for e in live:
             e.memory = e.subject.memory() if not e.error else []
 
 
@@ -249,7 +237,6 @@ def _summarize(groups: list[list[_Entry]], mlx_entry: Optional[_Entry], result: 
              "how": info.note, "error": e.error, **m,
              "memory": [{"name": x.name, "layers": list(x.layers), "rss_bytes": x.rss_bytes,
                          "held_bytes": x.held_bytes} for x in e.memory],
-             "hop_rtt": latency_summary(e.hop_rtt) if e.hop_rtt else None,
              "hop_in_pipeline": None,
              "tokens_match_mlx_lm": (all(r.tokens == ref_tokens for r in e.runs)
                                      if ref_tokens is not None and e.runs else None)}

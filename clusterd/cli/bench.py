@@ -52,8 +52,6 @@ def _command() -> str:
                    "core while it runs) instead of starting its ranks directly.")
 @click.option("--no-hop", is_flag=True, help="Skip the one-hop measurement against plain TCP.")
 @click.option("--hop-only", is_flag=True, help="Only the one-hop measurement.")
-@click.option("--hop-probes", default=30, show_default=True, type=click.IntRange(0),
-              help="Forward round trips timed into each stage of each layout.")
 @click.option("--predict", is_flag=True,
               help="Print the planner's predictions for real Mac layouts next to published "
                    "results; measures nothing.")
@@ -61,7 +59,7 @@ def _command() -> str:
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="File name stem of the results [default: bench-MODEL-DATE].")
 def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill_step_size,
-          repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only, hop_probes,
+          repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only,
           predict, out_dir, name):
     """Tokens/sec per cluster layout, against mlx-lm in the same run.
 
@@ -96,7 +94,7 @@ def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill
             prompt_tokens=prompt_tokens, new_tokens=new_tokens,
             prefill_step_size=prefill_step_size, repetitions=repetitions, warmup=warmup,
             mlx_lm=not no_mlx_lm, ring=not no_ring, ring_via_launcher=ring_launcher,
-            hop=not no_hop, hop_probes=hop_probes,
+            hop=not no_hop,
             command=_command())
         result = run_bench(cfg, console)
     except (SplitError, PeerError, ValueError) as e:

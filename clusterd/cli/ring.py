@@ -8,9 +8,10 @@ import click
 
 from clusterd.cli.cluster_options import discovered_addresses, discovery_options
 from clusterd.cli.models import confirm, fetch_options
-from clusterd.coordinator.ring import OPEN_ERRORS, Ring, RingOptions, model_source, open_ring
+from clusterd.coordinator.ring import (OPEN_ERRORS, Ring, RingOptions, model_source, open_engine,
+                                       open_ring)
 
-__all__ = ["OPEN_ERRORS", "open_ring_from_flags", "ring_options"]
+__all__ = ["OPEN_ERRORS", "open_engine", "open_ring_from_flags", "ring_options"]
 
 
 def ring_options(f):
@@ -25,7 +26,15 @@ def ring_options(f):
         click.option("--split", default=None, metavar="N,N,...",
                      help="Force layers per node, e.g. 3,2,1."),
         click.option("--context", default=4096, show_default=True, type=click.IntRange(1),
-                     help="Context length the split reserves KV cache for."),
+                     help="Tokens per session (prompt + answer) the split reserves KV cache "
+                          "for; longer requests are refused."),
+        click.option("--sessions", default=None, type=click.IntRange(1, 1024),
+                     help="Sessions at once (every stage reserves their KV cache; more "
+                          "requests wait). Default: 1 for run, 4 for serve."),
+        click.option("--prompt-cache", "prompt_cache_tokens", default=None,
+                     type=click.IntRange(0), metavar="TOKENS",
+                     help="Tokens of finished sessions each stage keeps for reuse "
+                          "(default: one context's worth; 0: none)."),
         click.option("--prefill-step-size", default=2048, show_default=True,
                      type=click.IntRange(1)),
         functools.partial(discovery_options, with_peer=False),
@@ -34,13 +43,23 @@ def ring_options(f):
     return f
 
 
-def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context,
-                         prefill_step_size, interfaces, no_mdns, browse_timeout, show: bool,
-                         say: Callable[[str], None]) -> Ring:
+def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context, sessions,
+                         prompt_cache_tokens, prefill_step_size, interfaces, no_mdns,
+                         browse_timeout, show: bool, say: Callable[[str], None],
+                         default_sessions: int = 1) -> Ring:
     """Raises one of OPEN_ERRORS with a message for the user."""
     source = model_source(model, quant, say)
     addresses = list(peers) or discovered_addresses(
         interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
-    opts = RingOptions(split=split, context=context, prefill_step_size=prefill_step_size,
-                       yes=yes, ask_above=ask_above, show=show)
-    return open_ring(source, addresses, opts, say, confirm)
+    opts = RingOptions(split=split, context=context, sessions=sessions or default_sessions,
+                       prefill_step_size=prefill_step_size,
+                       prompt_cache_tokens=prompt_cache_tokens, yes=yes, ask_above=ask_above,
+                       show=show)
+
+    def rediscover() -> list[str]:
+        # The --peer list, or whatever mDNS finds now (quietly: it runs in the background).
+        return list(peers) or discovered_addresses(
+            interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout,
+            say=lambda text: None)
+
+    return open_ring(source, addresses, opts, say, confirm, rediscover)

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from clusterd.cli.ring import OPEN_ERRORS, open_ring_from_flags, ring_options
-from clusterd.coordinator.pipeline import GenerationError, GenerationStats, Sampling
+from clusterd.cli.ring import OPEN_ERRORS, open_engine, open_ring_from_flags, ring_options
+from clusterd.coordinator.generation import GenerationError, GenerationRequest, Sampling
 
 
 def _err(text: str) -> None:
@@ -33,15 +33,17 @@ def run(prompt, max_tokens, temp, top_p, seed, raw, as_json, **ring_args):
         ring = open_ring_from_flags(**ring_args, show=not as_json, say=_err)
     except OPEN_ERRORS as e:
         raise click.ClickException(str(e)) from None
-    pipeline, chat, config = ring.pipeline, ring.chat, ring.config
+    engine = open_engine(ring, str(ring_args["model"]), on_note=_err)
+    chat, config = ring.chat, ring.config
     sampling = Sampling(temperature=temp, top_p=top_p, seed=seed)
     if prompt is None:
-        _interactive(pipeline, chat, max_tokens, sampling, raw)
+        _interactive(engine, chat, max_tokens, sampling, raw)
         return
-    stats = GenerationStats()
     ids = chat.encode([{"role": "user", "content": prompt}], raw=raw)
     try:
-        tokens = pipeline.generate(ids, max_tokens, sampling, chat.stop_ids, stats)
+        gen = engine.submit(GenerationRequest(tuple(ids), max_tokens, sampling,
+                                              tuple(chat.stop_ids)))
+        stats, tokens = gen.stats, iter(gen)
         if as_json:
             list(tokens)
         else:
@@ -53,7 +55,7 @@ def run(prompt, max_tokens, temp, top_p, seed, raw, as_json, **ring_args):
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps({**_report(stats, ring.stages, chat, config),
-                               "recoveries": pipeline.recoveries}))
+                               "recoveries": stats.recoveries}))
     else:
         _err(f"[{stats.prompt_tokens} prompt tokens, TTFT {stats.ttft_s:.2f}s, "
              f"{len(stats.tokens)} tokens at {stats.decode_tok_s:.1f} tok/s, {stats.finish_reason}]")
@@ -64,6 +66,7 @@ def _report(stats, stages, chat, config) -> dict:
         "tokens": stats.tokens,
         "text": chat.decode(stats.tokens),
         "prompt_tokens": stats.prompt_tokens,
+        "cached_tokens": stats.cached_tokens,
         "ttft_s": stats.ttft_s,
         "decode_tok_s": stats.decode_tok_s,
         "finish_reason": stats.finish_reason,
@@ -76,7 +79,7 @@ def _report(stats, stages, chat, config) -> dict:
     }
 
 
-def _interactive(pipeline, chat, max_tokens, sampling, raw) -> None:
+def _interactive(engine, chat, max_tokens, sampling, raw) -> None:
     _err("Chat with the model. An empty line or Ctrl-D ends the chat.")
     history: list[dict] = []
     while True:
@@ -88,11 +91,13 @@ def _interactive(pipeline, chat, max_tokens, sampling, raw) -> None:
         if not line.strip():
             return
         history.append({"role": "user", "content": line})
-        stats = GenerationStats()
         try:
-            for piece in chat.stream_text(
-                    pipeline.generate(chat.encode(history, raw=raw), max_tokens, sampling,
-                                      chat.stop_ids, stats)):
+            ids = chat.encode(history, raw=raw)
+            gen = engine.submit(GenerationRequest(
+                tuple(ids), min(max_tokens, engine.context - len(ids)), sampling,
+                tuple(chat.stop_ids)))
+            stats = gen.stats
+            for piece in chat.stream_text(gen):
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
         except GenerationError as e:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from clusterd.cli.ring import OPEN_ERRORS, open_ring_from_flags, ring_options
+from clusterd.cli.ring import OPEN_ERRORS, open_engine, open_ring_from_flags, ring_options
 from clusterd.coordinator.http_api import ApiServer, ChatService
 
 
@@ -32,12 +32,13 @@ def serve(host, http_port, api_key, max_tokens, **ring_args):
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         _err(f"warning: serving on {host} without --api-key: anyone on the network can use it")
     try:
-        ring = open_ring_from_flags(**ring_args, show=True, say=_err)
+        ring = open_ring_from_flags(**ring_args, show=True, say=_err, default_sessions=4)
     except OPEN_ERRORS as e:
         raise click.ClickException(str(e)) from None
     name = os.path.basename(str(ring_args["model"]).rstrip("/"))
     try:
-        server = ApiServer(ChatService(ring.pipeline, ring.chat, name, max_tokens), host,
+        server = ApiServer(ChatService(open_engine(ring, name, on_note=_err), ring.chat, name,
+                                       max_tokens), host,
                            http_port, api_key)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{http_port}: {e}") from None

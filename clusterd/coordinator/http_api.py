@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Optional
 
 from clusterd.coordinator.chat import Chat
-from clusterd.coordinator.pipeline import GenerationError, GenerationStats, Sampling
+from clusterd.coordinator.generation import (GenerationError, GenerationRequest,
+                                             GenerationStats, Sampling)
 
 log = logging.getLogger("clusterd.http")
 
@@ -74,15 +75,18 @@ class ChatService:
     """Turns validated completions into tokens through the ring."""
 
     def __init__(self, pipeline: Any, chat: Chat, model_name: str, default_max_tokens: int):
-        self.pipeline = pipeline  # Pipeline or HealingPipeline
+        self.pipeline = pipeline  # the Engine
         self.chat = chat
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
 
     def pieces(self, c: Completion, stats: GenerationStats) -> Iterator[str]:
         ids = self.chat.encode(c.messages)
-        return self.chat.stream_text(
-            self.pipeline.generate(ids, c.max_tokens, c.sampling, self.chat.stop_ids, stats))
+        gen = self.pipeline.submit(GenerationRequest(tuple(ids), c.max_tokens, c.sampling,
+                                                     tuple(self.chat.stop_ids)))
+        gen.stats = stats
+        stats.prompt_tokens = len(ids)
+        return self.chat.stream_text(gen)
 
 
 def make_handler(service: ChatService, api_key: Optional[str]):

@@ -33,6 +33,8 @@ class PeerHandle:
         self.name = address  # replaced by the node's own name after info()
         self._channel = open_channel(address, interceptors)
         self._stub = rpc.NodeStub(self._channel)
+        self._lock = threading.Lock()
+        self._event_calls: dict[str, grpc.Future] = {}
 
     def __repr__(self) -> str:
         return f"PeerHandle({self.name}@{self.address})"
@@ -70,28 +72,41 @@ class PeerHandle:
     def load_shard(self, stage: pb.StageSpec) -> pb.LoadShardReply:
         return self._call("LoadShard", pb.LoadShardRequest(stage=stage), LOAD_TIMEOUT_S)
 
-    def unload(self) -> pb.UnloadReply:
-        return self._call("Unload", pb.UnloadRequest(), 60.0)
+    def unload(self, shard: str = "") -> pb.UnloadReply:
+        """One shard by name, or (empty) every shard the node holds."""
+        return self._call("Unload", pb.UnloadRequest(shard=shard), 60.0)
 
-    def open_session(self, request: pb.OpenSessionRequest) -> None:
-        self._call("OpenSession", request, 30.0)
+    def open_session(self, request: pb.OpenSessionRequest) -> pb.OpenSessionReply:
+        return self._call("OpenSession", request, 30.0)
 
     def forward(self, act: pb.Activation) -> None:
         self._call("Forward", act, 60.0)
 
-    def end_session(self, session_id: str) -> None:
-        self._call("EndSession", pb.EndSessionRequest(session_id=session_id), 10.0)
+    def end_session(self, session_id: str, keep_tokens: Sequence[int] = ()) -> None:
+        self._call("EndSession", pb.EndSessionRequest(session_id=session_id,
+                                                      keep_tokens=list(keep_tokens)), 10.0)
 
-    def stream_tokens(self, session_id: str) -> Iterator[pb.TokenEvent]:
-        """Events of one session, until `done`. No overall deadline: the
+    def events(self, client_id: str) -> Iterator[pb.TokenEvent]:
+        """Every event of this client's sessions on the node, until the
+        stream is closed (close_events) or fails. No overall deadline: the
         caller watches node health while it waits."""
-        call = self._stub.StreamTokens(pb.StreamTokensRequest(session_id=session_id))
+        call = self._stub.Events(pb.EventsRequest(client_id=client_id))
+        with self._lock:
+            self._event_calls[client_id] = call
         try:
             yield from call
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                raise self._error("StreamTokens", e) from None
+                raise self._error("Events", e) from None
         finally:
+            with self._lock:
+                self._event_calls.pop(client_id, None)
+            call.cancel()
+
+    def close_events(self, client_id: str) -> None:
+        with self._lock:
+            call = self._event_calls.pop(client_id, None)
+        if call is not None:
             call.cancel()
 
     def shutdown(self) -> None:

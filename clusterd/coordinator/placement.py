@@ -58,7 +58,7 @@ def node_spec_from_info(info: Any, address: Optional[str] = None) -> NodeSpec:
 
 
 def plan_ranges(model_dir: Path, nodes: Sequence[Any], split: Optional[str], *,
-                context: int = 4096, prefill_step_size: int = 2048,
+                context: int = 4096, prefill_step_size: int = 2048, sessions: int = 1,
                 on_note: Callable[[str], None] = lambda t: None
                 ) -> list[Optional[tuple[int, int]]]:
     """`nodes` have `.info` (NodeInfo) and `.peer.address`."""
@@ -66,7 +66,7 @@ def plan_ranges(model_dir: Path, nodes: Sequence[Any], split: Optional[str], *,
     if split is not None:
         return list(ranges_from_counts(parse_split(split, len(nodes), spec.num_layers)))
     p = plan(spec, [node_spec_from_info(n.info, n.peer.address) for n in nodes],
-             context=context, prefill_chunk=prefill_step_size)
+             context=context, sessions=sessions, prefill_chunk=prefill_step_size)
     if p.verdict == DOES_NOT_FIT:
         raise SplitError("the model does not fit these nodes. " + " ".join(p.advice))
     if p.left_out:

@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from clusterd.coordinator.chat import Chat
-from clusterd.coordinator.cluster import SplitError, connect, load_ring, plan_ranges
-from clusterd.coordinator.healing import HealingPipeline
+from clusterd.coordinator.cluster import (SplitError, connect, connect_reachable, load_ring,
+                                          plan_ranges)
+from clusterd.coordinator.engine import Engine
 from clusterd.coordinator.peers import PeerError
-from clusterd.coordinator.pipeline import LoadedStage
+from clusterd.coordinator.pipeline import LoadedStage, RingClient
 from clusterd.coordinator.prepare import (ClusterFiles, ModelSource, PrepareFailed, Reporter,
                                           resolve_model, summary_lines)
 from clusterd.models.stage import StageLoadError, read_config
 from clusterd.models.store import StoreError
 from clusterd.security import SecretError
+from clusterd.wire import clusterd_pb2 as pb
 
 # What opening a ring may raise; each carries a message for the user.
 OPEN_ERRORS = (PeerError, SplitError, SecretError, PrepareFailed, StoreError, StageLoadError)
@@ -28,14 +30,26 @@ Confirm = Callable[[str], bool]
 
 @dataclass(frozen=True)
 class RingOptions:
-    """How a ring is planned: forced split, context, prefill step, downloads."""
+    """How a ring is planned: forced split, context, sessions, prefill step,
+    prompt cache, downloads."""
 
     split: Optional[str] = None
     context: int = 4096
+    sessions: int = 1  # sessions at once: the KV room every stage reserves
     prefill_step_size: int = 2048
+    prompt_cache_tokens: Optional[int] = None  # None: one context's worth
     yes: bool = False  # download from the hub without asking
     ask_above: int = 2 * 10**9
     show: bool = True  # progress and per-node summaries through `say`
+
+    @property
+    def limits(self) -> pb.ShardLimits:
+        return pb.ShardLimits(context=self.context, max_sessions=self.sessions,
+                              prefill_step=self.prefill_step_size)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.context if self.prompt_cache_tokens is None else self.prompt_cache_tokens
 
 
 def model_source(model: str, quant: Optional[str], say: Callable[[str], None]) -> ModelSource:
@@ -54,16 +68,15 @@ def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOpti
     """Split the layers and make sure every node holds its stage's files.
     Returns (folder on this machine with config and tokenizer, repository id
     for LoadShard or "" for a folder every node reads, layer ranges)."""
+    plan_args = dict(context=opts.context, sessions=opts.sessions,
+                     prefill_step_size=opts.prefill_step_size, on_note=say)
     if source.ref is None:  # a folder every node reads as is
-        return source.local_dir, "", plan_ranges(
-            source.local_dir, nodes, split, context=opts.context,
-            prefill_step_size=opts.prefill_step_size, on_note=say)
+        return source.local_dir, "", plan_ranges(source.local_dir, nodes, split, **plan_args)
     if opts.show:
         say(f"model: {source.label}")
     files = ClusterFiles(source.ref, nodes, Reporter(show=opts.show))
     meta = files.metadata()
-    ranges = plan_ranges(meta, nodes, split, context=opts.context,
-                         prefill_step_size=opts.prefill_step_size, on_note=say)
+    ranges = plan_ranges(meta, nodes, split, **plan_args)
     summary = files.prepare(meta, ranges, yes=opts.yes, ask_above=opts.ask_above,
                             confirm=confirm)
     if opts.show:
@@ -72,33 +85,68 @@ def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOpti
     return meta, str(source.ref), ranges
 
 
+class _Placer:
+    """Places the model on given nodes (the engine calls it to heal and to
+    re-form the ring); after the first placement the planner decides the
+    split (a forced --split no longer applies to other nodes)."""
+
+    def __init__(self, source: ModelSource, opts: RingOptions, say, confirm,
+                 addresses: Callable[[], Sequence[str]], nodes: list):
+        self._source, self._opts, self._say, self._confirm = source, opts, say, confirm
+        self._addresses = addresses
+        self.nodes = nodes
+        self._on_loaded = _say_loaded(say) if opts.show else None
+
+    def place(self, nodes: list, split: Optional[str]) -> tuple[Path, list[LoadedStage]]:
+        model_dir, model_id, ranges = place_files(self._source, nodes, split, self._opts,
+                                                  self._say, self._confirm)
+        return model_dir, load_ring(model_dir, nodes, ranges, self._on_loaded,
+                                    model_id=model_id, limits=self._opts.limits,
+                                    prompt_cache_tokens=self._opts.cache_tokens)
+
+    def replan(self, nodes: list) -> list[LoadedStage]:
+        return self.place(nodes, None)[1]
+
+    def rediscover(self) -> list:
+        return connect_reachable(list(self._addresses()))
+
+
 @dataclass
 class Ring:
-    pipeline: HealingPipeline
+    client: RingClient  # replaced when the ring heals
     chat: Chat
     config: dict
     model_dir: Path
+    placer: _Placer
+    options: RingOptions
 
     @property
     def stages(self) -> list[LoadedStage]:
-        return self.pipeline.stages
+        return self.client.stages
+
+    @property
+    def nodes(self) -> list:
+        return self.placer.nodes
 
 
 def open_ring(source: ModelSource, addresses: Sequence[str], opts: RingOptions,
-              say: Callable[[str], None], confirm: Confirm = lambda text: False) -> Ring:
-    """Raises one of OPEN_ERRORS with a message for the user."""
+              say: Callable[[str], None], confirm: Confirm = lambda text: False,
+              rediscover: Optional[Callable[[], Sequence[str]]] = None) -> Ring:
+    """Raises one of OPEN_ERRORS with a message for the user. `rediscover`
+    finds nodes again after a loss (default: the same addresses)."""
     nodes = connect(addresses)
-    on_loaded = _say_loaded(say) if opts.show else None
+    placer = _Placer(source, opts, say, confirm, rediscover or (lambda: list(addresses)), nodes)
+    model_dir, stages = placer.place(nodes, opts.split)
+    return Ring(RingClient(stages), Chat(model_dir), read_config(model_dir), model_dir, placer,
+                opts)
 
-    def place(on: list, forced_split: Optional[str]) -> tuple[Path, list[LoadedStage]]:
-        model_dir, model_id, ranges = place_files(source, on, forced_split, opts, say, confirm)
-        return model_dir, load_ring(model_dir, on, ranges, on_loaded, model_id=model_id)
 
-    model_dir, stages = place(nodes, opts.split)
-    # After a node drops out the forced split no longer applies: the planner decides.
-    pipeline = HealingPipeline(nodes, stages, lambda survivors: place(survivors, None)[1],
-                               prefill_step_size=opts.prefill_step_size, on_note=say)
-    return Ring(pipeline, Chat(model_dir), read_config(model_dir), model_dir)
+def open_engine(ring: Ring, name: str, *, queue_limit: int = 64,
+                on_note: Callable[[str], None] = lambda text: None) -> Engine:
+    o = ring.options
+    return Engine(ring, name=name, context=o.context, max_sessions=o.sessions,
+                  queue_limit=queue_limit, prefill_step_size=o.prefill_step_size,
+                  on_note=on_note)
 
 
 def _say_loaded(say: Callable[[str], None]):

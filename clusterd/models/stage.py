@@ -9,7 +9,7 @@ pipeline of stages computes exactly what one process computes.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,24 +70,28 @@ class StageModel:
         # sliding-window layers), which is also what mlx-lm makes for them.
         return [KVCache() for _ in self.layers]
 
-    def forward(self, x: mx.array, cache: list[Any]) -> mx.array:
-        """Token ids (first stage) or a hidden state -> hidden state."""
+    def forward(self, x: mx.array, cache: list[Any],
+                after_layer: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+        """Token ids (first stage) or a hidden state -> hidden state.
+        `after_layer(h)` runs after each layer (to evaluate a long prompt
+        chunk in pieces, and to stop between them)."""
         h = self.model.model.embed_tokens(x) if self.bounds.first else x
         mask = create_attention_mask(h, cache[0], return_array=self._mask_as_array)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
+            if after_layer is not None:
+                after_layer(h)
         return h
 
-    def logprobs(self, h: mx.array) -> mx.array:
-        """Last stage: final norm + head on the last position, as mlx-lm's
-        generate_step turns logits into log-probabilities."""
+    def logits(self, h: mx.array, last_only: bool = True) -> mx.array:
+        """Last stage: final norm + head, as mlx-lm runs them (on every
+        position), then each row's last position ([B, V]) or all ([B, L, V])."""
         out = self.model.model.norm(h)
         if "lm_head" in self.model:
             logits = self.model.lm_head(out)
         else:
             logits = self.model.model.embed_tokens.as_linear(out)
-        logits = logits[:, -1, :]
-        return logits - mx.logsumexp(logits, keepdims=True)
+        return logits[:, -1, :] if last_only else logits
 
 
 def read_weight_index(path: Path) -> dict[str, str]:
@@ -127,11 +131,17 @@ def read_config(path: Path) -> dict:
         raise StageLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from e
 
 
-def load_stage(path: Path, start: int, end: int, max_bytes: int | None = None) -> StageModel:
+class LoadCancelled(StageLoadError):
+    """The load was stopped (the node is stopping, or its caller gave up)."""
+
+
+def load_stage(path: Path, start: int, end: int, max_bytes: int | None = None,
+               cancelled: Callable[[], bool] = lambda: False) -> StageModel:
     """Load only the tensors of layers [start, end) (+ embedding / head).
 
     With max_bytes, refuse before reading anything when the stage's weights
-    would not fit (their sizes are known from the lazy arrays)."""
+    would not fit (their sizes are known from the lazy arrays). The weights
+    are read a layer at a time, checking `cancelled` in between."""
     path = Path(path).resolve()
     config = read_config(path)
     if config.get("model_type") not in MASK_AS_ARRAY:
@@ -189,11 +199,24 @@ def load_stage(path: Path, start: int, end: int, max_bytes: int | None = None) -
             f"layers [{start}, {end}) need {need / 2**30:.2f} GiB of weights but this node "
             f"has {max_bytes / 2**30:.2f} GiB usable"
         )
-    try:
-        mx.eval(model.parameters())
-    except Exception as e:
-        raise StageLoadError(f"reading the weights failed (corrupt file?): {e}") from e
+    for part in _parts(model):
+        if cancelled():
+            raise LoadCancelled("the load was cancelled")
+        try:
+            mx.eval(part.parameters())
+        except Exception as e:
+            raise StageLoadError(f"reading the weights failed (corrupt file?): {e}") from e
+    mx.eval(model.parameters())  # anything not inside a part (nothing, for these models)
     return StageModel(model, config, bounds, path)
+
+
+def _parts(model: nn.Module) -> list[nn.Module]:
+    """The model in pieces of about one layer each, for a load in steps."""
+    inner = model.model
+    layers = [layer for layer in inner.layers if layer is not None]
+    rest = [m for k, m in model.children().items() if k != "model" and isinstance(m, nn.Module)]
+    rest += [m for k, m in inner.children().items() if k != "layers" and isinstance(m, nn.Module)]
+    return layers + rest
 
 
 def _quantize_like_mlx_lm(model: nn.Module, config: dict, weights: dict) -> None:

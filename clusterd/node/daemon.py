@@ -22,7 +22,7 @@ from clusterd.node.sources import NodeFiles
 from clusterd.wire import clusterd_pb2_grpc as rpc
 from clusterd.security import (AuthServerInterceptor, ClientSecurity, TlsFiles, load_secret,
                                server_credentials)
-from clusterd.wire.channel import CHANNEL_OPTIONS, open_channel
+from clusterd.wire.channel import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, open_channel
 
 log = logging.getLogger("clusterd.node")
 
@@ -72,7 +72,10 @@ class Daemon:
         # Every RPC, node to node included, carries proof of the cluster secret.
         secret = config.secret or load_secret(clusterd_home(), create=True)
         hops = NextHops(security=ClientSecurity(secret, config.tls))
-        self.executor = Executor(self.name, hops)
+        # Links to the next stage listen where gRPC does (a specific address
+        # when given, else every interface), with the same TLS files.
+        self.executor = Executor(self.name, hops, host=config.host, tls=config.tls,
+                                 max_frame_bytes=MAX_MESSAGE_BYTES)
         self.resources = probe(config.memory_limit)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
@@ -127,7 +130,7 @@ class Daemon:
 
     def _sweep_sessions(self) -> None:
         while not self.stop_requested.wait(SESSION_SWEEP_S):
-            for sid in self.executor.sessions.expire():
+            for sid in self.executor.expire():
                 log.info("session %s timed out; its caches are freed", sid)
 
     def stop(self) -> None:

@@ -1,222 +1,552 @@
-"""The node's compute: one thread runs every MLX operation (loads and forward
-steps) in arrival order, so MLX is never used from two threads at once and a
-session's steps apply to its caches in order."""
+"""The node's compute: one thread runs every MLX operation (loads, steps,
+cache moves) so MLX is never used from two threads at once. RPC threads
+and links only queue work and read state; they never wait for a step.
 
-import concurrent.futures
+Work comes in three queues: control jobs (first), decode steps and prompt
+chunks. When both of the last two wait, they alternate, so a long prompt
+arriving does not freeze the conversations already decoding.
+
+A step takes an activation (rows of sessions, each `width` positions):
+the first stage embeds token ids, every stage runs its layers on the batch
+(GroupCaches holds a decode group's caches as one batch), a middle stage
+sends the hidden state on over its link, the last stage samples each row,
+sends the continuing rows' tokens back to the first stage (GroupFormer
+there forms each group's next step) and then publishes the tokens to the
+coordinators' event streams."""
+
+from __future__ import annotations
+
 import gc
 import logging
-import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import grpc
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
-from clusterd.models.stage import StageModel, load_stage
+from clusterd.models.stage import StageLoadError, load_stage, read_config
+from clusterd.node.batching import GroupCaches, GroupFormer, trim_row
+from clusterd.node.cache_store import PromptCache, materialize
+from clusterd.node.checks import activation_problem
+from clusterd.node.events import EventHub
+from clusterd.node.link import LinkClient, LinkError, LinkServer
+from clusterd.node.sampling import RowSampler, greedy_tokens
 from clusterd.node.sessions import Session, SessionTable
+from clusterd.node.shards import Limits, LimitError, Shard, ShardTable, budget, spec_for
+from clusterd.security import TlsFiles
 from clusterd.wire import clusterd_pb2 as pb
-from clusterd.wire.tensors import from_wire, to_wire
+from clusterd.wire.tensors import describe, from_wire, raw_view
 
 log = logging.getLogger("clusterd.node")
 
 HOP_TIMEOUT_S = 30.0
+INLINE_SEND_BYTES = 1 << 16  # larger frames go to the link's sender thread
 
 
 class Busy(RuntimeError):
     """A load is already in progress."""
 
 
+class Stopping(RuntimeError):
+    """The node is stopping: work in progress is abandoned."""
+
+
+class _RowError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Work:
+    act: pb.Activation
+    raw: Optional[bytes]
+    from_ring: bool  # sent back by the last stage (tokens for the next step)
+
+
 class Executor:
-    def __init__(self, node_name: str, next_hop: Callable[[str], Any]):
+    def __init__(self, node_name: str, next_hop: Callable[[str], Any], *,
+                 host: str = "127.0.0.1", tls: TlsFiles = TlsFiles(),
+                 max_frame_bytes: int = 1 << 30):
         self.node_name = node_name
+        self.shards = ShardTable()
         self.sessions = SessionTable()
-        self.stage: Optional[StageModel] = None
-        self.load_seconds = 0.0
-        self._next_hop = next_hop  # address -> stub with .Forward
-        # One sender thread per next hop, made once (touched by the compute thread only).
-        self._senders: dict[str, "_Sender"] = {}
-        self._jobs: "queue.Queue[Any]" = queue.Queue()
+        self.events = EventHub()
+        self._next_hop = next_hop  # gRPC address -> stub (OpenLink)
+        self._tls = tls
+        self._links: dict[str, LinkClient] = {}
+        self._links_lock = threading.Lock()
+        self.link_server = LinkServer(host, self._on_link_frame, max_raw_bytes=max_frame_bytes,
+                                      tls=tls, node_name=node_name)
+        # Compute thread only:
+        self._ring_next: dict[str, str] = {}  # shard -> next stage's address
+        self._groups: dict[str, GroupCaches] = {}
+        self._formers: dict[str, GroupFormer] = {}
+        self._control: deque = deque()
+        self._decode: deque = deque()
+        self._prefill: deque = deque()
+        self._last_was_prefill = False
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
         self._loading = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
         self._thread.start()
 
     # -- the compute thread -------------------------------------------------
+    def _take(self):
+        with self._cond:
+            while not (self._control or self._decode or self._prefill or self._stopping.is_set()):
+                self._cond.wait()
+            if self._stopping.is_set():
+                return None
+            if self._control:
+                return self._control.popleft()
+            if self._decode and (not self._prefill or self._last_was_prefill):
+                self._last_was_prefill = False
+                return self._decode.popleft()
+            if self._prefill:
+                self._last_was_prefill = True
+                return self._prefill.popleft()
+            return self._decode.popleft()
+
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self._take()
             if job is None:
                 return
-            if isinstance(job, pb.Activation):
-                self._step_guarded(job)
+            if isinstance(job, _Work):
+                try:
+                    self._step(job)
+                except Stopping:
+                    return
+                except Exception as e:  # the daemon survives; the coordinators hear why
+                    log.exception("step failed")
+                    self._fail_rows(job.act, f"node {self.node_name}: step failed: {e}")
             else:
                 fn, fut = job
-                if fut.set_running_or_notify_cancel():
+                if fut is None:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("background job failed")
+                elif fut.set_running_or_notify_cancel():
                     try:
                         fut.set_result(fn())
-                    except BaseException as e:  # delivered to the waiting RPC
+                    except BaseException as e:  # delivered to the waiting caller
                         fut.set_exception(e)
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((fn, fut))
+        """Run fn on the compute thread and return its result."""
+        fut: Future = Future()
+        self._put(self._control, (fn, fut))
         return fut.result()
 
-    def enqueue(self, act: pb.Activation) -> None:
-        self._jobs.put(act)
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the compute thread soon; nobody waits for it."""
+        self._put(self._control, (fn, None))
+
+    def _put(self, q: deque, item) -> None:
+        with self._cond:
+            q.append(item)
+            self._cond.notify()
+
+    def enqueue(self, act: pb.Activation, raw: Optional[bytes] = None,
+                from_ring: bool = False) -> None:
+        q = self._prefill if act.group == 0 and not from_ring else self._decode
+        self._put(q, _Work(act, raw, from_ring))
+
+    def _on_link_frame(self, act: pb.Activation, raw: Optional[bytes], peer: str) -> None:
+        shard = self.shards.get(act.shard)
+        problem = "" if shard is None else activation_problem(act, shard, raw, from_link=True)
+        if shard is None or problem:
+            log.warning("dropped a frame from %s: %s", peer,
+                        problem or f"no shard {act.shard[:40]!r}")
+            self._fail_rows(act, f"node {self.node_name}: {problem or 'no such shard'}")
+            return
+        self.enqueue(act, raw, from_ring=shard.stage.bounds.first)
 
     def stop(self) -> None:
-        self.sessions.end_all("node is shutting down")
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
-        for sender in list(self._senders.values()):
-            sender.put(None, None)
+        """End every session and stop the compute thread (it finishes the
+        layer it is in; a load stops between layers)."""
+        for s in self.sessions.select():
+            self._end(s, "node is shutting down")
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=2)
+        with self._cond:  # whoever waits on a job that will never run hears why now
+            pending, self._control = list(self._control), deque()
+        for _, fut in pending:
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(Stopping("the node is stopping"))
+        self.link_server.close()
+        with self._links_lock:
+            links = list(self._links.values())
+        for link in links:
+            link.close()
 
-    # -- shards -------------------------------------------------------------
+    # -- shards ---------------------------------------------------------------
     @property
     def loading(self) -> bool:
         return self._loading.locked()
 
-    def load(self, path: Path, start: int, end: int, max_bytes: Optional[int]) -> StageModel:
+    @property
+    def stage(self):
+        """The first shard's stage (one shard is the common case)."""
+        shards = self.shards.all()
+        return shards[0].stage if shards else None
+
+    def load(self, name: str, path: Path, start: int, end: int, limits: Limits,
+             usable_bytes: Optional[int], cancelled: Callable[[], bool] = lambda: False) -> Shard:
         if not self._loading.acquire(blocking=False):
             raise Busy("a load is already in progress on this node; wait for it to finish")
         try:
-            current = self.stage
-            if (current is not None and current.path == Path(path).resolve()
-                    and (current.bounds.start, current.bounds.end) == (start, end)):
+            current = self.shards.get(name)
+            if (current is not None and current.stage.path == Path(path).resolve()
+                    and (current.stage.bounds.start, current.stage.bounds.end) == (start, end)
+                    and current.limits == limits):
                 return current  # already held: the next run starts at once
-            self.unload()  # never hold two shards: the old one is freed first
+            # Refuse before touching what is held: the stage's bytes are known
+            # from its config (the planner's exact count).
+            config = read_config(Path(path))
+            try:
+                spec = spec_for(config)
+            except (ValueError, KeyError, TypeError) as e:
+                raise StageLoadError(f"config.json does not describe a model clusterd can "
+                                     f"plan: {str(e)[:200]}") from None
+            if not 0 <= start < end <= spec.num_layers:
+                raise StageLoadError(f"layer range [{start}, {end}) is outside the model's "
+                                     f"{spec.num_layers} layers")
+            need = budget(spec, start, end, limits, spec.stage_weight_bytes(start, end))
+            others = self.shards.reserved_bytes(except_name=name)
+            if usable_bytes is not None and others + need.total > usable_bytes:
+                raise LimitError(_too_big(need, others, usable_bytes, limits))
+            if current is not None:
+                self.unload(name)  # never hold two copies of a shard
             t0 = time.monotonic()
-            stage = self.call(lambda: load_stage(path, start, end, max_bytes=max_bytes))
-            self.load_seconds = time.monotonic() - t0
-            self.stage = stage
-            return stage
+
+            def stop_check() -> bool:
+                return self._stopping.is_set() or cancelled()
+
+            def work() -> Shard:
+                stage = load_stage(path, start, end, max_bytes=usable_bytes,
+                                   cancelled=stop_check)
+                held = budget(spec, start, end, limits, stage.weight_bytes)
+                return Shard(name=name, stage=stage, limits=limits, budget=held,
+                             kv_bytes_per_token=_kv_per_token(spec, start, end),
+                             prompt_cache=PromptCache(limits.prompt_cache_bytes))
+
+            try:
+                shard = self.call(work)
+            except BaseException:
+                self.call(_free_memory)  # whatever the failed load allocated
+                raise
+            shard.load_seconds = time.monotonic() - t0
+            self.shards.put(shard)
+            return shard
         finally:
             self._loading.release()
 
-    def unload(self) -> int:
-        freed = self.sessions.end_all("the shard was unloaded")
-        if self.stage is not None:
-            freed += self.stage.weight_bytes
-            self.stage = None
-            gc.collect()
-            self.call(mx.clear_cache)
+    def unload(self, name: str = "") -> int:
+        """Answers at once: the shard leaves the table, its sessions end,
+        and the compute thread frees the memory when it gets there."""
+        freed = 0
+        for shard in ([self.shards.get(name)] if name else self.shards.all()):
+            if shard is None or self.shards.pop(shard.name) is None:
+                continue
+            for s in self.sessions.select(shard=shard.name):
+                self._end(s, "the shard was unloaded")
+            freed += shard.stage.weight_bytes + shard.prompt_cache.nbytes
+            self.post(lambda sh=shard: self._free_shard(sh))
         return freed
 
-    # -- sessions -----------------------------------------------------------
-    def open_session(self, req: pb.OpenSessionRequest) -> None:
-        stage = self.stage
-        assert stage is not None
-        sampler = None
-        if stage.bounds.last:
-            sp = req.sampling
-            if sp.has_seed:
-                # One global generator per process: reproducible for one
-                # session at a time, which is what a seed is used for.
-                self.call(lambda: mx.random.seed(sp.seed))
-            sampler = make_sampler(temp=sp.temperature, top_p=sp.top_p)
-        caches = self.call(stage.make_cache)
-        self.sessions.open(
-            Session(
-                session_id=req.session_id,
-                caches=caches,
-                next_address=req.next_address,
-                sampler=sampler,
-                max_tokens=req.max_tokens,
-                stop_ids=frozenset(req.stop_token_ids),
-                timeout_s=req.timeout_seconds or 300.0,
-            )
-        )
+    def _free_shard(self, shard: Shard) -> None:
+        self._groups.pop(shard.name, None)
+        self._formers.pop(shard.name, None)
+        shard.prompt_cache.clear()
+        _free_memory()
 
-    def _step_guarded(self, act: pb.Activation) -> None:
-        s = self.sessions.get(act.session_id)
-        if s is None or s.closed or self.stage is None:
-            return  # ended meanwhile: late activations are dropped
-        s.touch()
-        try:
-            self._step(self.stage, s, act)
-        except Exception as e:  # the daemon survives; the coordinator hears why
-            log.exception("step failed in session %s", act.session_id)
-            self._fail(s, f"node {self.node_name}: step failed: {e}")
+    # -- sessions -------------------------------------------------------------
+    def open_session(self, req: pb.OpenSessionRequest, shard: Shard) -> int:
+        """Called on an RPC thread (no MLX here); the reusable prompt prefix."""
+        pin = shard.prompt_cache.lookup(req.prompt) if len(req.prompt) > 1 else None
+        last = shard.stage.bounds.last
+        s = Session(
+            session_id=req.session_id, shard=shard.name, client_id=req.client_id,
+            next_address=req.next_address, timeout_s=req.timeout_seconds or 300.0,
+            prompt=tuple(req.prompt), pin=pin,
+            sampler=RowSampler(req.sampling, shard.limits.context) if last else None,
+            max_tokens=req.max_tokens, stop_ids=frozenset(req.stop_token_ids),
+            draft_kind=req.draft.kind, draft_tokens=req.draft.tokens)
+        self.sessions.open(s, shard.limits.max_sessions)
+        self._ring_next[shard.name] = req.next_address
+        return pin.tokens if pin else 0
 
-    def _step(self, stage: StageModel, s: Session, act: pb.Activation) -> None:
-        kind = act.WhichOneof("payload")
-        if kind == "error":
-            self._fail(s, act.error)
+    def end_session(self, session_id: str, keep_tokens=(), reason: str = "") -> int:
+        """Answers at once; the caches move to the prompt cache (or are freed)
+        on the compute thread. Bytes the session's caches held, about."""
+        s = self.sessions.end(session_id, reason)
+        if s is None:
+            return 0
+        shard = self.shards.get(s.shard)
+        held = s.length * (shard.kv_bytes_per_token if shard else 0)
+        self.post(lambda: self._release(s, tuple(keep_tokens)))
+        return held
+
+    def end_client(self, client_id: str, reason: str) -> list[str]:
+        ended = []
+        for s in self.sessions.select(client_id=client_id):
+            self.sessions.end(s.session_id, reason)
+            self.post(lambda s=s: self._release(s, ()))
+            ended.append(s.session_id)
+        return ended
+
+    def expire(self, now: Optional[float] = None) -> list[str]:
+        """End sessions idle longer than their timeout (a vanished coordinator)."""
+        now = time.monotonic() if now is None else now
+        stale = self.sessions.select(idle_before=now)
+        for s in stale:
+            self._end(s, "session timed out")
+        return [s.session_id for s in stale]
+
+    def _end(self, s: Session, reason: str) -> None:
+        if self.sessions.end(s.session_id, reason) is not None:
+            self.events.publish(s.client_id, pb.TokenEvent(
+                session_id=s.session_id, done=True, finish_reason="error",
+                error=reason, node=self.node_name))
+            self.post(lambda: self._release(s, ()))
+
+    def _release(self, s: Session, keep: tuple[int, ...]) -> None:
+        shard = self.shards.get(s.shard)
+        groups = self._groups.get(s.shard)
+        caches = groups.take(s) if groups is not None else s.caches
+        s.caches, s.pin = None, None
+        if shard is None or not caches or not keep:
             return
-        if kind == "tokens":
-            x = mx.array(list(act.tokens.ids), dtype=mx.int32)[None]
+        n = min(len(keep), s.length)
+        trim_row(caches, None, s.length - n)
+        if n > 1:
+            shard.prompt_cache.insert(keep[:n], caches)
+
+    # -- a step ---------------------------------------------------------------
+    def _step(self, work: _Work) -> None:
+        act = work.act
+        shard = self.shards.get(act.shard)
+        if shard is None or shard.closed:
+            return  # unloaded meanwhile: late activations are dropped
+        if work.from_ring and shard.stage.bounds.first:
+            former = self._formers.setdefault(shard.name, GroupFormer())
+            for nxt in former.on_return(act, shard.limits.ring_stages):
+                self._compute(shard, nxt, None)
+            return
+        self._compute(shard, act, work.raw)
+
+    def _groups_of(self, shard: Shard) -> GroupCaches:
+        g = self._groups.get(shard.name)
+        if g is None:
+            g = self._groups[shard.name] = GroupCaches(shard.stage.make_cache)
+        return g
+
+    def _rows(self, shard: Shard, act: pb.Activation) -> list[tuple[int, Session]]:
+        """The activation's rows whose sessions are open here, caches ready."""
+        groups = self._groups_of(shard)
+        out = []
+        for i, row in enumerate(act.rows):
+            s = self.sessions.get(row.session_id)
+            if s is None or s.closed or s.shard != shard.name:
+                continue  # ended meanwhile: its row is dropped here and downstream
+            try:
+                self._ready(shard, groups, s, row)
+            except _RowError as e:
+                self._end(s, f"node {self.node_name}: {e}")
+                continue
+            out.append((i, s))
+        return out
+
+    def _ready(self, shard: Shard, groups: GroupCaches, s: Session, row: pb.Row) -> None:
+        if row.trim:
+            if row.trim > s.length:
+                raise _RowError(f"asked to drop {row.trim} positions of {s.length}")
+            trim_row(groups.caches_of(s), groups.row_of(s), row.trim)
+            s.length -= row.trim
+        if s.caches is None and not s.group:  # its first activation on this stage
+            if row.position == 0:
+                s.caches = shard.stage.make_cache()
+            elif s.pin is not None and s.pin.tokens >= row.position:
+                s.caches = materialize(s.pin, row.position)
+            else:
+                raise _RowError(f"session starts at position {row.position} but this stage "
+                                "holds no prompt cache for it")
+            s.pin = None
+            s.length = row.position
+        if s.length != row.position:
+            raise _RowError(f"activation for position {row.position} but the session's "
+                            f"caches hold {s.length} positions")
+        s.touch()
+
+    def _compute(self, shard: Shard, act: pb.Activation, raw: Optional[bytes]) -> None:
+        rows = self._rows(shard, act)
+        stage = shard.stage
+        if not rows:
+            if act.group and not stage.bounds.last:  # the group's turn goes on, empty
+                self._send_on(shard, pb.Activation(shard=act.shard, group=act.group,
+                                                   width=act.width, sample=act.sample), None)
+            elif act.group:
+                self._return(shard, act.group, [], [])
+            return
+        sessions = [s for _, s in rows]
+        w = act.width or 1
+        x = self._input(stage, act, raw, [i for i, _ in rows], w)
+        if act.group:
+            caches = self._groups_of(shard).reconcile(act.group, sessions, self.sessions.get)
         else:
-            x = from_wire(act.hidden)
-        h = stage.forward(x, s.caches)
+            caches = sessions[0].caches
+        after = self._between_layers if w > 1 else None
+        h = stage.forward(x, caches, after)
+        for s in sessions:
+            s.length += w
         if not stage.bounds.last:
             mx.eval(h)
-            out = pb.Activation(session_id=s.session_id, step=act.step, sample=act.sample)
-            to_wire(h, out=out.hidden)  # in place: one copy of the data, not two
-            self._send(s, out)
+            out = pb.Activation(shard=act.shard, group=act.group, width=w, sample=act.sample,
+                                rows=[act.rows[i] for i, _ in rows])
+            describe(h, out.hidden)
+            out.hidden.raw_bytes = h.nbytes
+            self._send_on(shard, out, h, sessions)
             return
-        if not act.sample:  # a prefill chunk: only the caches matter
-            mx.eval([c.state for c in s.caches])
+        if not act.sample:  # a prompt chunk: only the caches matter
+            mx.eval([c.state for c in caches])
             return
-        token = s.sampler(stage.logprobs(h)).item()
-        s.produced += 1
-        if token in s.stop_ids:
-            reason = "stop"
-        elif s.produced >= s.max_tokens:
-            reason = "length"
-        else:
+        self._sample(shard, act, sessions, h)
+
+    def _between_layers(self, h: mx.array) -> None:
+        # A long chunk is evaluated a layer at a time: bounded GPU command
+        # buffers on Metal, and a stop request is honoured between layers.
+        mx.eval(h)
+        if self._stopping.is_set():
+            raise Stopping()
+
+    @staticmethod
+    def _input(stage, act: pb.Activation, raw, sel: list[int], w: int) -> mx.array:
+        if act.WhichOneof("payload") == "tokens":
+            ids = list(act.tokens.ids)
+            return mx.array([ids[i * w:(i + 1) * w] for i in sel], dtype=mx.int32)
+        x = from_wire(act.hidden, raw)
+        return x if len(sel) == x.shape[0] else x[mx.array(sel)]
+
+    def _sample(self, shard: Shard, act: pb.Activation, sessions: list[Session],
+                h: mx.array) -> None:
+        logits = shard.stage.logits(h)
+        greedy = [i for i, s in enumerate(sessions) if s.sampler.greedy]
+        picks: list[Optional[mx.array]] = [None] * len(sessions)
+        if greedy:
+            g = greedy_tokens(logits if len(greedy) == len(sessions)
+                              else logits[mx.array(greedy)])
+            for j, i in enumerate(greedy):
+                picks[i] = g[j:j + 1]
+        for i, s in enumerate(sessions):
+            if picks[i] is None:
+                picks[i] = s.sampler.sample(logits[i:i + 1], (*s.prompt, *s.answer))
+        tokens = mx.concatenate(picks).tolist()
+        cont_rows, cont_tokens, events = [], [], []
+        now = time.monotonic()
+        for s, t in zip(sessions, tokens):
+            s.produced += 1
             reason = ""
-            self._send(s, pb.Activation(
-                session_id=s.session_id, step=act.step + x.shape[1],
-                tokens=pb.TokenIds(ids=[token]), sample=True))
-        s.events.put(pb.TokenEvent(
-            token=token, index=s.produced - 1, time=time.monotonic(),
-            done=bool(reason), finish_reason=reason))
+            if t in s.stop_ids:
+                reason = "stop"
+            else:
+                s.answer.append(t)
+                if s.produced >= s.max_tokens or s.length >= shard.limits.context:
+                    reason = "length"
+            if not reason:
+                cont_rows.append(pb.Row(session_id=s.session_id, position=s.length))
+                cont_tokens.append(t)
+            events.append((s, pb.TokenEvent(
+                session_id=s.session_id, tokens=[] if reason == "stop" else [t],
+                index=s.produced - 1, time=now, done=bool(reason), finish_reason=reason)))
+        # The next step first: the ring goes on while the events are handed out.
+        if cont_rows or act.group:
+            self._return(shard, act.group, cont_rows, cont_tokens, sessions)
+        for s, ev in events:
+            self.events.publish(s.client_id, ev)
 
-    def _send(self, s: Session, act: pb.Activation) -> None:
-        if not s.next_address:  # a one-stage ring: the next stage is us
-            self.enqueue(act)
+    def _return(self, shard: Shard, group: int, rows: list[pb.Row], tokens: list[int],
+                sessions: Optional[list[Session]] = None) -> None:
+        """Send the continuing rows' tokens to the first stage (group 0: the
+        first token of a session, which joins a group there)."""
+        act = pb.Activation(shard=shard.name, group=group, rows=rows, width=1,
+                            tokens=pb.TokenIds(ids=tokens), sample=True)
+        self._send_on(shard, act, None, sessions)
+
+    # -- sending ---------------------------------------------------------------
+    def _send_on(self, shard: Shard, act: pb.Activation, h: Optional[mx.array],
+                 sessions: Optional[list[Session]] = None) -> None:
+        address = self._next_address(shard, act, sessions)
+        if address is None:
             return
-        # A long-lived thread per next hop makes the (blocking) call, so the
-        # compute thread goes back to work at once and one hop's calls stay in
-        # order. Not grpc's future(): it starts a polling thread whenever no
-        # other call is in flight, i.e. on every decode hop (+0.25 ms measured).
-        sender = self._senders.get(s.next_address)
-        if sender is None:
-            sender = self._senders[s.next_address] = _Sender(self, s.next_address)
-        sender.put(s, act)
+        if address == "":  # a one-stage ring: the next stage is this node
+            self.enqueue(act, None, from_ring=True)
+            return
+        link = self._link(address)
+        raw = raw_view(h) if h is not None else None
+        # Big frames (prompt chunks) go to the link's sender thread so the next
+        # chunk's compute overlaps this transfer; a decode step is sent right
+        # here (a thread handoff costs more than it saves), unless frames are
+        # still queued, which it must not overtake.
+        if (raw is not None and len(raw) > INLINE_SEND_BYTES) or not link.idle:
+            link.send_later(act, raw, lambda e: self._fail_rows(act, self._link_text(e)))
+            return
+        try:
+            link.send(act, raw)
+        except LinkError as e:
+            self._fail_rows(act, self._link_text(e))
 
-    def _hop_failed(self, s: Session, e: grpc.RpcError) -> None:
-        self._fail(s, f"node {self.node_name} could not reach the next stage at "
-                      f"{s.next_address}: {e.code().name}: {e.details()}")
+    def _link_text(self, e: LinkError) -> str:
+        return f"node {self.node_name} could not reach the next stage: {e}"
 
-    def _fail(self, s: Session, message: str) -> None:
-        s.events.put(pb.TokenEvent(done=True, finish_reason="error", error=message))
-        self.sessions.end(s.session_id, reason=message)
+    def _next_address(self, shard: Shard, act: pb.Activation,
+                      sessions: Optional[list[Session]]) -> Optional[str]:
+        for s in sessions or ():
+            return s.next_address
+        for row in act.rows:
+            s = self.sessions.get(row.session_id)
+            if s is not None:
+                return s.next_address
+        return self._ring_next.get(shard.name)
+
+    def _link(self, address: str) -> LinkClient:
+        with self._links_lock:
+            link = self._links.get(address)
+            if link is None:
+                stub = self._next_hop(address)
+                link = LinkClient(address, lambda: stub.OpenLink(
+                    pb.OpenLinkRequest(from_node=self.node_name), timeout=HOP_TIMEOUT_S),
+                    self._tls)
+                self._links[address] = link
+            return link
+
+    def _fail_rows(self, act: pb.Activation, message: str) -> None:
+        for row in act.rows:
+            s = self.sessions.get(row.session_id)
+            if s is not None:
+                self._end(s, message)
 
 
-class _Sender:
-    """Sends one next hop's activations, in the order the compute thread made them."""
+def _kv_per_token(spec, start: int, end: int) -> int:
+    return sum(layer.kv_bytes_per_token for layer in spec.layers[start:end])
 
-    def __init__(self, executor: Executor, address: str):
-        self._executor = executor
-        self._address = address
-        self._queue: "queue.Queue[Any]" = queue.Queue()
-        threading.Thread(target=self._run, name=f"send {address}", daemon=True).start()
 
-    def put(self, s: Optional[Session], act: Optional[pb.Activation]) -> None:
-        self._queue.put((s, act))
+def _free_memory() -> None:
+    gc.collect()
+    mx.clear_cache()
 
-    def _run(self) -> None:
-        while True:
-            s, act = self._queue.get()
-            if act is None:
-                return
-            if s.closed:
-                continue  # ended (or failed) meanwhile
-            try:
-                self._executor._next_hop(self._address).Forward(act, timeout=HOP_TIMEOUT_S)
-            except grpc.RpcError as e:
-                self._executor._hop_failed(s, e)
+
+def _too_big(need, others: int, usable: int, limits: Limits) -> str:
+    gib = 2**30
+    return (f"the stage needs {need.total / gib:.2f} GiB (weights {need.weights / gib:.2f}, "
+            f"KV for {limits.max_sessions} sessions of {limits.context} tokens "
+            f"{need.kv / gib:.2f}, prompt cache {need.prompt_cache / gib:.2f}, prefill "
+            f"workspace {need.workspace / gib:.2f}) beside {others / gib:.2f} GiB already "
+            f"held, but the node has {usable / gib:.2f} GiB usable")

@@ -16,6 +16,7 @@ from clusterd.models.stage import StageLoadError
 from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
+from clusterd.node.shards import LimitError, Limits
 from clusterd.node.session_rpcs import SessionRpcs
 from clusterd.node.resources import Resources
 from clusterd.node.sources import ModelMissing, NodeFiles, Stubs
@@ -61,39 +62,37 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
 
     def info(self) -> pb.NodeInfo:
         r = self.resources
+        ex = self.executor
+        now = time.monotonic()
+        per_token = {sh.name: sh.kv_bytes_per_token for sh in ex.shards.all()}
         sessions = [
-            pb.SessionInfo(session_id=s.session_id, tokens=s.cached_tokens, kv_bytes=s.kv_bytes,
-                           idle_seconds=time.monotonic() - s.last_active)
-            for s in self.executor.sessions.snapshot()
+            pb.SessionInfo(session_id=s.session_id, tokens=s.length,
+                           kv_bytes=s.length * per_token.get(s.shard, 0),
+                           idle_seconds=now - s.last_active)
+            for s in ex.sessions.select()
         ]
-        stage = self.executor.stage
-        weights = stage.weight_bytes if stage else 0
+        shards = [sh.to_wire(ex.sessions.count(sh.name)) for sh in ex.shards.all()]
+        held = sum(sh.weight_bytes + sh.prompt_cache_bytes for sh in shards)
         msg = pb.NodeInfo(
             node_id=self.node_id, name=self.name, protocol_version=PROTOCOL_VERSION,
             chip=r.chip, total_memory_bytes=r.total_bytes, usable_memory_bytes=r.usable_bytes,
             bandwidth_gbs=r.bandwidth_gbs, free_disk_bytes=r.free_disk_bytes,
             platform=r.platform, mlx_version=mx.__version__, state=self.state(),
-            has_shard=stage is not None, sessions=sessions,
-            memory_held_bytes=weights + sum(s.kv_bytes for s in sessions),
+            has_shard=bool(shards), sessions=sessions, shards=shards,
+            memory_held_bytes=held + sum(s.kv_bytes for s in sessions),
             rss_bytes=psutil.Process(os.getpid()).memory_info().rss, port=self.port,
+            link_port=ex.link_server.port,
         )
-        if stage is not None:
-            msg.shard.CopyFrom(self._shard(stage))
+        if shards:
+            msg.shard.CopyFrom(shards[0])
         return msg
-
-    def _shard(self, stage) -> pb.LoadedShard:
-        b = stage.bounds
-        return pb.LoadedShard(
-            model_path=str(stage.path), model_type=stage.model_type, start_layer=b.start,
-            end_layer=b.end, num_layers=b.num_layers, first=b.first, last=b.last,
-            weight_bytes=stage.weight_bytes, load_seconds=self.executor.load_seconds)
 
     def Info(self, request, context):
         return self.info()
 
     def Health(self, request, context):
         return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
-                              state=self.state())
+                              state=self.state(), unix_time=time.time())
 
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
@@ -107,26 +106,36 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
-        log.info("loading layers [%d, %d) of %s", spec.start_layer, spec.end_layer, path)
         try:
-            stage = self.executor.load(path, spec.start_layer, spec.end_layer,
-                                       max_bytes=self.resources.usable_bytes)
+            limits = Limits.from_wire(spec.limits)
+        except LimitError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
+        name = spec.shard or spec.model_id or str(path)
+        log.info("loading layers [%d, %d) of %s as %s", spec.start_layer, spec.end_layer, path,
+                 name)
+        try:
+            shard = self.executor.load(name, path, spec.start_layer, spec.end_layer, limits,
+                                       self.resources.usable_bytes,
+                                       cancelled=lambda: not context.is_active())
         except Busy as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except LimitError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name}: {e}")
         except StageLoadError as e:
             log.warning("load failed: %s", e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
         except Exception as e:  # anything else: the node stays up and says why
             log.exception("load failed")
             context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: load failed: {e}")
-        log.info("loaded %.1f MiB in %.2fs", stage.weight_bytes / 2**20, self.executor.load_seconds)
+        log.info("loaded %.1f MiB in %.2fs", shard.stage.weight_bytes / 2**20, shard.load_seconds)
         self._on_change()
-        return pb.LoadShardReply(shard=self._shard(stage), memory_held_bytes=stage.weight_bytes)
+        return pb.LoadShardReply(shard=shard.to_wire(self.executor.sessions.count(shard.name)),
+                                 memory_held_bytes=shard.budget.total)
 
     def Unload(self, request, context):
         if self.executor.loading:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a load is in progress")
-        freed = self.executor.unload()
+        freed = self.executor.unload(request.shard)
         self._on_change()
         return pb.UnloadReply(freed_bytes=freed)
 

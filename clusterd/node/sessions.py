@@ -1,94 +1,102 @@
-"""Per-session state on a node: its KV caches and, on the last stage, its
-sampling parameters and the queue its generated tokens stream from."""
+"""Per-session state on a node. RPC threads open and end sessions; the
+compute thread alone touches a session's caches, group and sampler."""
 
-import queue
+from __future__ import annotations
+
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from clusterd.wire import clusterd_pb2 as pb
+from clusterd.node.cache_store import Pin
+
+MAX_ID_CHARS = 128
+
+
+class SessionRefused(ValueError):
+    """OpenSession cannot be granted; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
 class Session:
     session_id: str
-    caches: list[Any]
-    next_address: str
-    sampler: Optional[Callable] = None
+    shard: str
+    client_id: str
+    next_address: str  # "" when this node is the whole ring
+    timeout_s: float
+    prompt: tuple[int, ...] = ()
+    pin: Optional[Pin] = None  # prompt-cache entry to start from
+    # Last stage only: how it samples and when it stops.
+    sampler: Any = None  # clusterd.node.sampling.RowSampler
     max_tokens: int = 0
     stop_ids: frozenset[int] = frozenset()
-    timeout_s: float = 300.0
+    draft_kind: str = ""
+    draft_tokens: int = 0
+    # Compute thread only.
+    caches: Optional[list[Any]] = None  # its own caches while in no group
+    group: int = 0  # decode group holding its caches (0: none)
+    length: int = 0  # positions its caches hold
     produced: int = 0
+    answer: list[int] = field(default_factory=list)
+    drafter: Any = None
+    # Any thread.
     closed: bool = False
-    events: "queue.Queue[pb.TokenEvent]" = field(default_factory=queue.Queue)
+    end_reason: str = ""
     last_active: float = field(default_factory=time.monotonic)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
-    @property
-    def cached_tokens(self) -> int:
-        return int(self.caches[0].offset) if self.caches and self.caches[0].offset else 0
-
-    @property
-    def kv_bytes(self) -> int:
-        total = 0
-        for c in self.caches:
-            if c.keys is not None:
-                total += c.keys.nbytes + (c.values.nbytes if c.values is not None else 0)
-        return total
-
 
 class SessionTable:
-    """Thread-safe table of open sessions. Caches are freed by dropping them."""
+    """Open sessions by id, at most `limit(shard)` per shard."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
 
-    def open(self, session: Session) -> None:
+    def open(self, session: Session, limit: int) -> None:
         with self._lock:
-            old = self._sessions.pop(session.session_id, None)
+            if session.session_id in self._sessions:
+                raise SessionRefused("ALREADY_EXISTS",
+                                     f"session {session.session_id[:40]!r} is already open")
+            n = sum(1 for s in self._sessions.values() if s.shard == session.shard)
+            if n >= limit:
+                raise SessionRefused(
+                    "RESOURCE_EXHAUSTED",
+                    f"{n} sessions are open on shard {session.shard!r}, the most it was "
+                    f"loaded for (--sessions {limit}); wait for one to end")
             self._sessions[session.session_id] = session
-        if old is not None:
-            _finish(old, "error", "session was reopened")
 
     def get(self, session_id: str) -> Optional[Session]:
         with self._lock:
             return self._sessions.get(session_id)
 
-    def end(self, session_id: str, reason: str = "ended") -> Optional[int]:
-        """Bytes freed, or None when there was no such session."""
+    def end(self, session_id: str, reason: str = "") -> Optional[Session]:
+        """Remove and mark it closed; None when there was no such session."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
-        if s is None:
-            return None
-        freed = s.kv_bytes
-        _finish(s, "error" if reason != "ended" else "stop", "" if reason == "ended" else reason)
-        return freed
+        if s is not None:
+            s.closed = True
+            s.end_reason = reason
+        return s
 
-    def end_all(self, reason: str) -> int:
+    def select(self, *, shard: Optional[str] = None, client_id: Optional[str] = None,
+               idle_before: Optional[float] = None) -> list[Session]:
         with self._lock:
-            ids = list(self._sessions)
-        return sum(self.end(i, reason) or 0 for i in ids)
+            out = list(self._sessions.values())
+        if shard is not None:
+            out = [s for s in out if s.shard == shard]
+        if client_id is not None:
+            out = [s for s in out if s.client_id == client_id]
+        if idle_before is not None:
+            out = [s for s in out if s.last_active + s.timeout_s < idle_before]
+        return out
 
-    def expire(self, now: Optional[float] = None) -> list[str]:
-        """End sessions idle longer than their timeout (a vanished coordinator)."""
-        now = time.monotonic() if now is None else now
+    def count(self, shard: str) -> int:
         with self._lock:
-            stale = [s.session_id for s in self._sessions.values() if now - s.last_active > s.timeout_s]
-        for sid in stale:
-            self.end(sid, "session timed out")
-        return stale
-
-    def snapshot(self) -> list[Session]:
-        with self._lock:
-            return list(self._sessions.values())
-
-
-def _finish(s: Session, reason: str, error: str) -> None:
-    """Wake a waiting token stream so it can close."""
-    s.closed = True
-    s.caches = []
-    s.events.put(pb.TokenEvent(done=True, finish_reason=reason, error=error))
+            return sum(1 for s in self._sessions.values() if s.shard == shard)

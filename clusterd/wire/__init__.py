@@ -1,3 +1,3 @@
 """The wire contract (protos/clusterd.proto) and its generated stubs."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

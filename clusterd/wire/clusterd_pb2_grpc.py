@@ -69,15 +69,20 @@ class NodeStub:
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.Activation.SerializeToString,
                 response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.ForwardReply.FromString,
                 _registered_method=True)
-        self.StreamTokens = channel.unary_stream(
-                '/clusterd.v1.Node/StreamTokens',
-                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.StreamTokensRequest.SerializeToString,
+        self.Events = channel.unary_stream(
+                '/clusterd.v1.Node/Events',
+                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.EventsRequest.SerializeToString,
                 response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.TokenEvent.FromString,
                 _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/clusterd.v1.Node/EndSession',
                 request_serializer=clusterd_dot_wire_dot_clusterd__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.EndSessionReply.FromString,
+                _registered_method=True)
+        self.OpenLink = channel.unary_unary(
+                '/clusterd.v1.Node/OpenLink',
+                request_serializer=clusterd_dot_wire_dot_clusterd__pb2.OpenLinkRequest.SerializeToString,
+                response_deserializer=clusterd_dot_wire_dot_clusterd__pb2.OpenLinkReply.FromString,
                 _registered_method=True)
         self.ListFiles = channel.unary_unary(
                 '/clusterd.v1.Node/ListFiles',
@@ -156,14 +161,23 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StreamTokens(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Events(self, request, context):
+        """Every event of every session a coordinator (client_id) opened on this
+        node, on one stream. When it closes, the node ends those sessions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EndSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenLink(self, request, context):
+        """A ticket for the persistent link from the calling stage to this one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -243,15 +257,20 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.Activation.FromString,
                     response_serializer=clusterd_dot_wire_dot_clusterd__pb2.ForwardReply.SerializeToString,
             ),
-            'StreamTokens': grpc.unary_stream_rpc_method_handler(
-                    servicer.StreamTokens,
-                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.StreamTokensRequest.FromString,
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.EventsRequest.FromString,
                     response_serializer=clusterd_dot_wire_dot_clusterd__pb2.TokenEvent.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
                     request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.EndSessionRequest.FromString,
                     response_serializer=clusterd_dot_wire_dot_clusterd__pb2.EndSessionReply.SerializeToString,
+            ),
+            'OpenLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLink,
+                    request_deserializer=clusterd_dot_wire_dot_clusterd__pb2.OpenLinkRequest.FromString,
+                    response_serializer=clusterd_dot_wire_dot_clusterd__pb2.OpenLinkReply.SerializeToString,
             ),
             'ListFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListFiles,
@@ -479,7 +498,7 @@ class Node:
             _registered_method=True)
 
     @staticmethod
-    def StreamTokens(request,
+    def Events(request,
             target,
             options=(),
             channel_credentials=None,
@@ -492,8 +511,8 @@ class Node:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/clusterd.v1.Node/StreamTokens',
-            clusterd_dot_wire_dot_clusterd__pb2.StreamTokensRequest.SerializeToString,
+            '/clusterd.v1.Node/Events',
+            clusterd_dot_wire_dot_clusterd__pb2.EventsRequest.SerializeToString,
             clusterd_dot_wire_dot_clusterd__pb2.TokenEvent.FromString,
             options,
             channel_credentials,
@@ -522,6 +541,33 @@ class Node:
             '/clusterd.v1.Node/EndSession',
             clusterd_dot_wire_dot_clusterd__pb2.EndSessionRequest.SerializeToString,
             clusterd_dot_wire_dot_clusterd__pb2.EndSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterd.v1.Node/OpenLink',
+            clusterd_dot_wire_dot_clusterd__pb2.OpenLinkRequest.SerializeToString,
+            clusterd_dot_wire_dot_clusterd__pb2.OpenLinkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,18 +34,28 @@ def dtype_name(dtype: mx.Dtype) -> str:
 def to_wire(a: mx.array, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """`out`: a Tensor field to fill in place, e.g. `act.hidden` (passing a
     new Tensor to Activation(hidden=...) would copy the data once more)."""
-    name = dtype_name(a.dtype)
-    raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+    t = describe(a, out)
+    t.data = bytes(raw_view(a))
+    return t
+
+
+def describe(a: mx.array, out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """dtype and shape only: a link frame carries the data beside the message."""
     t = pb.Tensor() if out is None else out
-    t.data = bytes(memoryview(raw))
-    t.dtype = name
+    t.dtype = dtype_name(a.dtype)
     t.shape[:] = list(a.shape)
     return t
 
 
-def check(t: pb.Tensor) -> tuple[int, ...]:
-    """Validate a tensor message without decoding it; returns its shape."""
-    return _check(t, len(t.data))
+def raw_view(a: mx.array) -> memoryview:
+    """The array's bytes without a copy (bfloat16 as its 2-byte pattern)."""
+    return memoryview(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).cast("B")
+
+
+def check(t: pb.Tensor, raw: Optional[bytes] = None) -> tuple[int, ...]:
+    """Validate a tensor message without decoding it; returns its shape.
+    `raw`: the data when it travelled beside the message (a link frame)."""
+    return _check(t, len(t.data) if raw is None else len(raw))
 
 
 def _check(t: pb.Tensor, nbytes: int) -> tuple[int, ...]:
@@ -66,8 +76,8 @@ def _check(t: pb.Tensor, nbytes: int) -> tuple[int, ...]:
     return shape
 
 
-def from_wire(t: pb.Tensor) -> mx.array:
-    data = t.data  # one read: each one is a copy
+def from_wire(t: pb.Tensor, raw: Optional[bytes] = None) -> mx.array:
+    data = t.data if raw is None else raw  # one read: each one is a copy
     shape = _check(t, len(data))
     # frombuffer is a view; mx.array makes the one copy MLX needs anyway.
     arr = mx.array(np.frombuffer(data, dtype=_NUMPY[t.dtype]).reshape(shape))
