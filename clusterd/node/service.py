@@ -2,18 +2,21 @@
 status that names the problem; the work itself runs on the Executor. The
 session and token calls are in session_rpcs.py."""
 
+import gc
 import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import grpc
 import mlx.core as mx
 import psutil
 
-from clusterd.models.stage import StageLoadError
 from clusterd.home import clusterd_home
+from clusterd.messages import bounded
+from clusterd.models.stage import StageLoadError
+from clusterd.models.stage_check import check_stage
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
 from clusterd.node.session_rpcs import SessionRpcs
@@ -31,6 +34,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         self,
         *,
         node_id: str,
+        boot_id: str,
         name: str,
         port: int,
         resources: Resources,
@@ -40,6 +44,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         files=None,  # NodeFiles: the model store and node-to-node transfers
     ):
         self.node_id = node_id
+        self.boot_id = boot_id
         self.name = name
         self.port = port
         self.resources = resources
@@ -76,6 +81,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             has_shard=stage is not None, sessions=sessions,
             memory_held_bytes=weights + sum(s.kv_bytes for s in sessions),
             rss_bytes=psutil.Process(os.getpid()).memory_info().rss, port=self.port,
+            boot_id=self.boot_id,
         )
         if stage is not None:
             msg.shard.CopyFrom(self._shard(stage))
@@ -88,12 +94,17 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             end_layer=b.end, num_layers=b.num_layers, first=b.first, last=b.last,
             weight_bytes=stage.weight_bytes, load_seconds=self.executor.load_seconds)
 
+    def Hello(self, request, context):
+        # The one call without a proof: only what the mDNS record says too.
+        return pb.HelloReply(node_id=self.node_id, boot_id=self.boot_id,
+                             protocol_version=PROTOCOL_VERSION, name=self.name)
+
     def Info(self, request, context):
         return self.info()
 
     def Health(self, request, context):
         return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
-                              state=self.state())
+                              state=self.state(), unix_time=time.time(), boot_id=self.boot_id)
 
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
@@ -104,24 +115,43 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         try:
             path = self.files.stage_dir(spec)  # model_id: the node's own model store
         except ModelMissing as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, bounded(str(e)))
         except StoreError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
-        log.info("loading layers [%d, %d) of %s", spec.start_layer, spec.end_layer, path)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"node {self.name}: {e}"))
+        # Everything that can be known before loading is checked while the
+        # shard held now (and its sessions) stays untouched.
         try:
-            stage = self.executor.load(path, spec.start_layer, spec.end_layer,
-                                       max_bytes=self.resources.usable_bytes)
-        except Busy as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            check = check_stage(path, spec.start_layer, spec.end_layer, self.resources.usable_bytes)
         except StageLoadError as e:
-            log.warning("load failed: %s", e)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
-        except Exception as e:  # anything else: the node stays up and says why
-            log.exception("load failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: load failed: {e}")
+            log.warning("load refused: %s", e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"node {self.name}: {e}"))
+        log.info("loading layers [%d, %d) of %s", check.start, check.end, check.path)
+        code, problem = self._load(check)
+        if problem is not None:
+            # What the failed load allocated is freed before the answer goes.
+            gc.collect()
+            self.executor.call(mx.clear_cache)
+            context.abort(code, bounded(f"node {self.name}: {problem}"))
+        stage = self.executor.stage
         log.info("loaded %.1f MiB in %.2fs", stage.weight_bytes / 2**20, self.executor.load_seconds)
         self._on_change()
         return pb.LoadShardReply(shard=self._shard(stage), memory_held_bytes=stage.weight_bytes)
+
+    def _load(self, check) -> tuple[Optional[grpc.StatusCode], Optional[str]]:
+        """(None, None) when loaded, else the status and message to answer;
+        the exception (and the model it holds) is gone when this returns."""
+        try:
+            self.executor.load(check.path, check.start, check.end,
+                               max_bytes=self.resources.usable_bytes)
+            return None, None
+        except Busy as e:
+            return grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except StageLoadError as e:
+            log.warning("load failed: %s", e)
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Exception:  # anything else: the node stays up and says why
+            log.exception("load failed")
+            return grpc.StatusCode.INTERNAL, "the load failed unexpectedly; the node's log has why"
 
     def Unload(self, request, context):
         if self.executor.loading:
@@ -139,6 +169,10 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
 
     def PrepareFiles(self, request, context):
         yield from self.files.prepare_files(request, context)
+
+    def stopping(self) -> None:
+        """From now on the node says "stopping" (Health, Info)."""
+        self._stopping.set()
 
     def Shutdown(self, request, context):
         self._stopping.set()

@@ -348,8 +348,8 @@ class NodeFiles:
         ref = ModelRef.parse(spec.model_id)
         snap = self.store.snapshot(ref)
         if snap is None or not (snap / "config.json").is_file():
-            raise ModelMissing(f"node {self.node_name} has no {ref} in its model store "
-                               f"({self.store.root}): run `clusterd pull {ref}` first")
+            raise ModelMissing(f"node {self.node_name} has no {ref} in its model store: "
+                               f"run `clusterd pull {ref}` first")
         return snap
 
 
