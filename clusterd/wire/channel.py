@@ -56,9 +56,11 @@ def server_options(keepalive: Optional[float] = None) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # A port already in use is an error, not a second listener sharing it.
         ("grpc.so_reuseport", 0),
-        # Clients' pings, with or without calls, at most twice as often as they send them.
+        # Clients' pings, with or without calls, at most twice as often as they
+        # send them. (This is grpc's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
+        # "min_recv_ping_interval..." is not a name grpc knows and is ignored.)
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms // 2),
         ("grpc.http2.max_ping_strikes", 2),
         # The server pings too, so a coordinator that vanished without closing
         # its connection (asleep, unplugged) is noticed and its sessions freed.
