@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import grpc
 
 from clusterd.models.files import FileCheckError, check_file, check_safetensors
-from clusterd.models.store import COMMIT, ModelRef, ModelStore, safe_relpath
+from clusterd.models.store import COMMIT, ModelRef, ModelStore, StoreError, safe_relpath
 from clusterd.node.hub import Cancelled as HubCancelled
 from clusterd.node.hub import Hub, HubError
 from clusterd.node.transfer import (DEFAULT_CHUNK, Cancelled, Offer,
@@ -161,7 +161,11 @@ class Preparer:
                                                  request.allow_hub))
 
     def _have(self, ref: ModelRef, path: str, progress: Progress) -> bool:
-        file = self.store.file(ref, path)
+        try:
+            file = self.store.file(ref, path)
+        except StoreError as e:  # a planted link: fetched again, and never written through
+            log.warning("local copy of %s refused (%s): fetching it again", path, e)
+            return False
         if file is None:
             return False
         try:
