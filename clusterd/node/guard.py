@@ -118,6 +118,11 @@ class CallGuard(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"the request body is not a valid {method} request message")
 
+    def _unimplemented(self, context, method: str) -> None:
+        # The generated servicer's default: said plainly, without a traceback in the log.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"node {self._label} does not serve {method} (another clusterd version?)")
+
     def _failed(self, context, method: str) -> None:
         log.exception("%s failed", method)
         context.abort(grpc.StatusCode.INTERNAL,
@@ -137,6 +142,8 @@ class CallGuard(grpc.ServerInterceptor):
                     yield from behaviour(request, context)
                 except grpc.RpcError:
                     return  # the client went away
+                except NotImplementedError:
+                    self._unimplemented(context, method)
                 except Exception:
                     if _aborted(context):
                         raise
@@ -153,6 +160,8 @@ class CallGuard(grpc.ServerInterceptor):
             request = self._request(request_iterator, context, parse, method)
             try:
                 return unary(request, context)
+            except NotImplementedError:
+                self._unimplemented(context, method)
             except Exception:
                 if _aborted(context):
                     raise
