@@ -124,7 +124,7 @@ def verify(model: Path, rows: list[dict], max_tokens: int, stop_ids: list[int],
     ref_model = load_model(model)[0]
     done = [r for r in rows if "tokens" in r]
     checked, mismatches = 0, []
-    for row in done[:limit]:
+    for row in done[:limit] if limit else done:
         want = mlx_lm_greedy(model, row["prompt"], max_tokens, stop_ids=stop_ids,
                              model=ref_model)
         checked += 1
@@ -210,7 +210,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=20.0)
     p.add_argument("--abuse-every", type=float, default=2.0)
     p.add_argument("--kill-every", type=float, default=40.0, help="coordinator kill period, s")
-    p.add_argument("--verify-limit", type=int, default=400, help="generations checked at most")
+    p.add_argument("--verify-limit", type=int, default=0,
+                   help="generations checked at most (0: every one)")
     p.add_argument("--out", type=Path, default=None)
     # The coordinator process's own arguments.
     p.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)

@@ -392,3 +392,17 @@ def test_pipeline_runs_over_tls_node_to_node(cluster_cert, tmp_path, synthetic):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_refusals_are_logged_once_a_minute_per_address_and_capped_in_all():
+    from clusterd.proofs import REFUSAL_LOG_PER_MINUTE, RefusalLog, source_ip
+
+    assert source_ip("ipv4:10.0.0.2:5123") == source_ip("ipv4:10.0.0.2:6000") == "10.0.0.2"
+    assert source_ip("ipv6:[::1]:5123") == "::1"
+    now = [0.0]
+    log = RefusalLog(clock=lambda: now[0])
+    assert log.should_log("10.0.0.2") and not log.should_log("10.0.0.2")
+    many = [log.should_log(f"10.1.{i // 256}.{i % 256}") for i in range(500)]
+    assert sum(many) == REFUSAL_LOG_PER_MINUTE - 1  # a flood from many addresses: a few lines
+    now[0] += 61
+    assert log.should_log("10.0.0.2")  # a minute later it is logged again

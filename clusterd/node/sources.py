@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import grpc
 
+from clusterd.messages import bounded
 from clusterd.models.files import FileCheckError, check_file, check_safetensors
 from clusterd.models.store import COMMIT, ModelRef, ModelStore, StoreError, safe_relpath
 from clusterd.node.hub import Cancelled as HubCancelled
@@ -318,10 +319,16 @@ class NodeFiles:
                     self.preparer.prepare(request, events.put, cancel)
                 events.put(pb.PrepareProgress(finished=True))
             except PrepareError as e:
-                events.put(pb.PrepareProgress(error=f"node {self.node_name}: {e}"))
-            except Exception as e:  # the node stays up and says why
+                events.put(pb.PrepareProgress(error=bounded(f"node {self.node_name}: {e}")))
+            except OSError as e:  # the disk: full, read-only, ...
                 log.exception("PrepareFiles failed")
-                events.put(pb.PrepareProgress(error=f"node {self.node_name}: {e}"))
+                events.put(pb.PrepareProgress(
+                    error=f"node {self.node_name}: preparing files failed: {e.strerror}"))
+            except Exception:  # the node stays up and says where to look
+                log.exception("PrepareFiles failed")
+                events.put(pb.PrepareProgress(
+                    error=f"node {self.node_name}: preparing files failed unexpectedly; the "
+                          "node's log has the details"))
             finally:
                 events.put(None)
 
