@@ -102,6 +102,8 @@ def test_a_long_model_path_is_refused_clearly(peer):
     msg = refused(lambda: peer.load_shard(pb.StageSpec(model_path="/a" * 5000, end_layer=1)))
     assert "does not exist" in msg or "cannot be used" in msg
     assert len(msg) < 600
+    msg = refused(lambda: peer.load_shard(pb.StageSpec(model_path="/tmp/a\x00b", end_layer=1)))
+    assert "is not a path" in msg
 
 
 def test_a_load_that_fails_late_frees_what_it_took(node, peer, model, tmp_path):

@@ -154,14 +154,15 @@ def check_stage(path: Path, start: int, end: int, usable_bytes: Optional[int]) -
     """Raise StageLoadError naming the problem, or say what the load will take."""
     path = Path(path)
     try:
-        if not path.is_dir():
-            raise _fail(f"model directory {quoted(str(path), 200)} does not exist")
-        path = path.resolve()
+        exists = path.is_dir()
+        path = path.resolve() if exists else path
     except OSError as e:  # a name too long, a loop of links
         raise _fail(f"model directory {quoted(str(path), 200)} cannot be used "
                     f"({e.strerror or 'error'})") from None
     except ValueError:  # a NUL in the name
         raise _fail(f"model directory {quoted(str(path), 200)} is not a path") from None
+    if not exists:
+        raise _fail(f"model directory {quoted(str(path), 200)} does not exist")
     if not (path / "config.json").is_file():
         raise _fail(f"{quoted(str(path), 200)} has no config.json")
     config = check_config(_read_json(path / "config.json", MAX_CONFIG_BYTES, "config.json"))
