@@ -159,8 +159,6 @@ def check_stage(path: Path, start: int, end: int, usable_bytes: Optional[int]) -
     except OSError as e:  # a name too long, a loop of links
         raise _fail(f"model directory {quoted(str(path), 200)} cannot be used "
                     f"({e.strerror or 'error'})") from None
-    except ValueError:  # a NUL in the name
-        raise _fail(f"model directory {quoted(str(path), 200)} is not a path") from None
     if not exists:
         raise _fail(f"model directory {quoted(str(path), 200)} does not exist")
     if not (path / "config.json").is_file():
