@@ -28,6 +28,7 @@ from clusterd.discovery import (
     resolve_interfaces,
 )
 from clusterd.local_cluster import start_node
+from clusterd.proofs import new_boot_id
 from clusterd.security import SECRET_ENV
 from clusterd.wire import PROTOCOL_VERSION
 
@@ -49,7 +50,8 @@ def test_advertise_update_unregister():
     node_id = str(uuid.uuid4())
     mine = ours({node_id})
     with NodeBrowser(interfaces=LO) as browser, \
-            Advertiser(info(node_id, "studio-1"), port=50123, interfaces=LO) as adv:
+            Advertiser(info(node_id, "studio-1"), port=50123, boot=new_boot_id(),
+                       interfaces=LO) as adv:
         assert browser.wait_for(lambda ns: len(mine(ns)) == 1, 10)
         (n,) = mine(browser.nodes())
         assert (n.name, n.address, n.chip, n.total_memory_bytes, n.usable_memory_bytes) == (
@@ -78,7 +80,8 @@ def test_advertise_update_unregister():
 def test_txt_record_has_only_known_keys_and_no_secret(monkeypatch):
     monkeypatch.setenv(SECRET_ENV, "txt-test-secret-0123456789")
     node_id = str(uuid.uuid4())
-    with Advertiser(info(node_id), port=50124, interfaces=LO) as adv:
+    boot = new_boot_id()
+    with Advertiser(info(node_id), port=50124, boot=boot, interfaces=LO) as adv:
         zc = Zeroconf(interfaces=LO, ip_version=IPVersion.V4Only)
         try:
             record = zc.get_service_info(SERVICE_TYPE, adv.service_name, timeout=5000)
@@ -90,13 +93,14 @@ def test_txt_record_has_only_known_keys_and_no_secret(monkeypatch):
     raw = record.text
     assert b"txt-test-secret" not in raw
     assert record.properties[b"id"] == node_id.encode()
+    assert record.properties[b"boot"] == boot.encode()  # the boot id proofs are bound to
 
 
 def test_duplicate_ids_are_reported_not_merged():
     node_id = str(uuid.uuid4())
     same = info(node_id, "clone")
-    with Advertiser(same, port=50125, interfaces=LO) as a, \
-            Advertiser(same, port=50126, interfaces=LO) as b:
+    with Advertiser(same, port=50125, boot=new_boot_id(), interfaces=LO) as a, \
+            Advertiser(same, port=50126, boot=new_boot_id(), interfaces=LO) as b:
         assert a.service_name != b.service_name  # never one merged record
         with NodeBrowser(interfaces=LO) as browser:
             assert browser.wait_for(lambda ns: len(ours({node_id})(ns)) == 2, 10)

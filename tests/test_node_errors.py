@@ -166,7 +166,7 @@ def test_corrupt_weight_file_fails_cleanly_and_node_stays_usable(peer, model, tm
     before = [s.shard for s in peer.info().shards]
     msg = refused(lambda: peer.load_shard(stage(bad, 0, 2)), grpc.StatusCode.INVALID_ARGUMENT)
     assert first_file in msg or "corrupt" in msg
-    # The failed load left nothing half-loaded, and what was held is still held.
+    # Refused before what was held was touched: it is all still there.
     assert [s.shard for s in peer.info().shards] == before
     assert peer.load_shard(stage(model, 0, 2)).shard.end_layer == 2
 

@@ -12,16 +12,14 @@ import grpc
 import pytest
 
 from clusterd import security
+from clusterd.proofs import (PROOF_HEADER, AuthClientInterceptor, AuthServerInterceptor,
+                             NodeIdentity, make_proof)
 from clusterd.security import (
-    PROOF_HEADER,
-    AuthClientInterceptor,
-    AuthServerInterceptor,
     ClientSecurity,
     SecretError,
     TlsFiles,
     explain_rpc_error,
     load_secret,
-    make_proof,
     store_secret,
 )
 from clusterd.wire import clusterd_pb2 as pb
@@ -30,6 +28,27 @@ from clusterd.wire import clusterd_pb2_grpc as rpc
 SECRET = "s3cret-" + "A" * 30
 OTHER = "other-" + "B" * 30
 METHODS = list(pb.DESCRIPTOR.services_by_name["Node"].methods)
+GUARDED = [m for m in METHODS if m.name != "Hello"]  # Hello is the one public call
+IDENT = NodeIdentity("n1", "b" * 32)
+
+
+def signer(secret, address=None):
+    """A client interceptor bound to the test server's identity, or (with
+    `address`) to what that node's Hello says."""
+    if address is None:
+        return AuthClientInterceptor(secret, lambda timeout: IDENT)
+
+    def learn(timeout):
+        from clusterd.wire.channel import hello
+
+        channel = grpc.insecure_channel(address)
+        try:
+            reply = hello(channel, timeout)
+        finally:
+            channel.close()
+        return NodeIdentity(reply.node_id, reply.boot_id)
+
+    return AuthClientInterceptor(secret, learn)
 
 
 class RecordingNode(rpc.NodeServicer):
@@ -37,6 +56,9 @@ class RecordingNode(rpc.NodeServicer):
 
     def __init__(self):
         self.calls = []
+
+    def Hello(self, request, context):
+        return pb.HelloReply(node_id=IDENT.node_id, boot_id=IDENT.boot_id, name="test-node")
 
     def Info(self, request, context):
         self.calls.append("Info")
@@ -46,9 +68,9 @@ class RecordingNode(rpc.NodeServicer):
         self.calls.append("Health")
         return pb.HealthReply(node_id="n1", state="idle")
 
-    def StreamTokens(self, request, context):
-        self.calls.append("StreamTokens")
-        yield pb.TokenEvent(token=1, done=True)
+    def Events(self, request, context):
+        self.calls.append("Events")
+        yield pb.TokenEvent(tokens=[1], done=True)
 
 
 @pytest.fixture
@@ -56,7 +78,7 @@ def node():
     servicer = RecordingNode()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[AuthServerInterceptor(SECRET, node_label="'test-node'")],
+        interceptors=[AuthServerInterceptor(SECRET, IDENT, node_label="'test-node'")],
     )
     rpc.add_NodeServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -88,28 +110,37 @@ def _call(address, method, interceptors=(), metadata=None):
         channel.close()
 
 
-@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+@pytest.mark.parametrize("method", GUARDED, ids=[m.name for m in GUARDED])
 def test_every_rpc_refused_without_or_with_wrong_secret(node, method):
     address, servicer = node
     code, details = _call(address, method)
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "secret missing" in details and "test-node" in details
-    code, details = _call(address, method, [AuthClientInterceptor(OTHER)])
+    code, details = _call(address, method, [signer(OTHER)])
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "secret wrong" in details
     for text in (SECRET, OTHER):
         assert text not in details
     assert servicer.calls == []  # a refused call never reaches the servicer
     # With the secret the call gets through (unimplemented ones say so).
-    code, _ = _call(address, method, [AuthClientInterceptor(SECRET)])
+    code, _ = _call(address, method, [signer(SECRET)])
     assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED)
     assert code != grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_hello_needs_no_proof_and_says_only_public_facts(node):
+    address, _ = node
+    hello = next(m for m in METHODS if m.name == "Hello")
+    assert _call(address, hello)[0] == grpc.StatusCode.OK
+    fields = {f.name for f in pb.HelloReply.DESCRIPTOR.fields}
+    assert fields == {"node_id", "boot_id", "protocol_version", "name"}
+
+
 def test_bearer_secret_or_garbage_is_refused_as_wrong(node):
     address, _ = node
-    info = METHODS[0]
-    for value in (SECRET, "v1.1.2.3", "", "v1." * 10):
+    info = next(m for m in METHODS if m.name == "Info")
+    for value in (SECRET, "v1.1.2.3", "", "v2." * 10, "v2.n1." + "b" * 32 + ".1.2.3",
+                  "x" * 4000):
         code, details = _call(address, info, metadata=[(PROOF_HEADER, value)])
         assert code == grpc.StatusCode.UNAUTHENTICATED
         assert "secret wrong" in details and SECRET not in details
@@ -118,7 +149,7 @@ def test_bearer_secret_or_garbage_is_refused_as_wrong(node):
 def test_a_captured_proof_cannot_be_replayed(node):
     address, servicer = node
     info = next(m for m in METHODS if m.name == "Info")
-    proof = make_proof(SECRET, "/clusterd.v1.Node/Info")
+    proof = make_proof(SECRET, "/clusterd.v1.Node/Info", IDENT)
     assert _call(address, info, metadata=[(PROOF_HEADER, proof)])[0] == grpc.StatusCode.OK
     code, details = _call(address, info, metadata=[(PROOF_HEADER, proof)])
     assert code == grpc.StatusCode.UNAUTHENTICATED and "replayed" in details
@@ -128,7 +159,7 @@ def test_a_captured_proof_cannot_be_replayed(node):
 def test_a_proof_is_bound_to_its_method(node):
     address, servicer = node
     health = next(m for m in METHODS if m.name == "Health")
-    proof = make_proof(SECRET, "/clusterd.v1.Node/Info")
+    proof = make_proof(SECRET, "/clusterd.v1.Node/Info", IDENT)
     code, details = _call(address, health, metadata=[(PROOF_HEADER, proof)])
     assert code == grpc.StatusCode.UNAUTHENTICATED and "wrong" in details
     assert servicer.calls == []
@@ -137,7 +168,7 @@ def test_a_proof_is_bound_to_its_method(node):
 def test_old_proof_expires_and_says_clock(node):
     address, _ = node
     info = next(m for m in METHODS if m.name == "Info")
-    proof = make_proof(SECRET, "/clusterd.v1.Node/Info", now=time.time() - 3600)
+    proof = make_proof(SECRET, "/clusterd.v1.Node/Info", IDENT, now=time.time() - 3600)
     code, details = _call(address, info, metadata=[(PROOF_HEADER, proof)])
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "expired" in details and "clocks" in details
@@ -145,20 +176,28 @@ def test_old_proof_expires_and_says_clock(node):
 
 def test_nonce_log_forgets_after_window():
     now = [1000.0]
-    interceptor = AuthServerInterceptor(SECRET, window_s=10, clock=lambda: now[0])
-    proof = make_proof(SECRET, "/m", now=now[0], nonce="fixed")
+    interceptor = AuthServerInterceptor(SECRET, IDENT, window_s=10, clock=lambda: now[0])
+    proof = make_proof(SECRET, "/m", IDENT, now=now[0], nonce="fixed")
     assert interceptor.check("/m", [(PROOF_HEADER, proof)]) is None
-    assert "replayed" in interceptor.check("/m", [(PROOF_HEADER, proof)])
+    assert "replayed" in interceptor.check("/m", [(PROOF_HEADER, proof)]).message
     now[0] += 25  # past the window: the proof is stale, and its nonce forgotten
-    assert "expired" in interceptor.check("/m", [(PROOF_HEADER, proof)])
-    fresh = make_proof(SECRET, "/m", now=now[0], nonce="new")
+    assert "expired" in interceptor.check("/m", [(PROOF_HEADER, proof)]).message
+    fresh = make_proof(SECRET, "/m", IDENT, now=now[0], nonce="new")
     assert interceptor.check("/m", [(PROOF_HEADER, fresh)]) is None
-    assert interceptor._nonces._seen == {"new"}  # memory stays bounded
+    assert interceptor.checker._nonces._seen == {"new"}  # memory stays bounded
+
+
+def test_a_proof_is_bound_to_one_node_and_one_boot():
+    checker = AuthServerInterceptor(SECRET, IDENT)
+    for other in (NodeIdentity("n2", IDENT.boot_id), NodeIdentity(IDENT.node_id, "c" * 32)):
+        refusal = checker.check("/m", [(PROOF_HEADER, make_proof(SECRET, "/m", other))])
+        assert "another node or an earlier start" in refusal.message
+        assert "Hello" in refusal.message and SECRET not in refusal.message
 
 
 def test_client_error_names_the_node(node):
     address, _ = node
-    channel = grpc.intercept_channel(grpc.insecure_channel(address), AuthClientInterceptor(OTHER))
+    channel = grpc.intercept_channel(grpc.insecure_channel(address), signer(OTHER))
     with pytest.raises(grpc.RpcError) as e:
         rpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5)
     text = explain_rpc_error(e.value, f"studio-2 ({address})")
@@ -237,7 +276,7 @@ def cluster_cert(tmp_path_factory):
 
 def test_tls_channel_with_secret(cluster_cert):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[AuthServerInterceptor(SECRET)])
+                         interceptors=[AuthServerInterceptor(SECRET, IDENT)])
     rpc.add_NodeServicer_to_server(RecordingNode(), server)
     port = server.add_secure_port("127.0.0.1:0", security.server_credentials(cluster_cert))
     server.start()
@@ -246,12 +285,12 @@ def test_tls_channel_with_secret(cluster_cert):
         channel = grpc.intercept_channel(
             grpc.secure_channel(f"127.0.0.1:{port}", security.channel_credentials(cluster_cert),
                                 options=security.tls_channel_options()),
-            *client.interceptors())
+            *client.interceptors(lambda timeout: IDENT))
         assert rpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).name == "test-node"
         channel.close()
         # A plaintext client cannot talk to a TLS node at all.
         plain = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"),
-                                       *client.interceptors())
+                                       *client.interceptors(lambda timeout: IDENT))
         with pytest.raises(grpc.RpcError) as e:
             rpc.NodeStub(plain).Info(pb.InfoRequest(), timeout=3)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -280,15 +319,15 @@ def daemon(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_real_daemon_refuses_every_rpc_and_never_logs_the_secret(daemon):
-    for method in METHODS:
-        for interceptors, word in (((), "missing"), ((AuthClientInterceptor(OTHER),), "wrong")):
+    for method in GUARDED:
+        for interceptors, word in (((), "missing"), ((signer(OTHER, daemon.address),), "wrong")):
             code, details = _call(daemon.address, method, interceptors)
             assert code == grpc.StatusCode.UNAUTHENTICATED, method.name
             assert f"secret {word}" in details and "guarded" in details
             assert SECRET not in details and OTHER not in details
     # With the secret, the daemon answers (and is still up after all that).
     code, _ = _call(daemon.address, next(m for m in METHODS if m.name == "Health"),
-                    [AuthClientInterceptor(SECRET)])
+                    [signer(SECRET, daemon.address)])
     assert code == grpc.StatusCode.OK
     log = daemon.log()
     assert "refused /clusterd.v1.Node/" in log
@@ -353,3 +392,17 @@ def test_pipeline_runs_over_tls_node_to_node(cluster_cert, tmp_path, synthetic):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_refusals_are_logged_once_a_minute_per_address_and_capped_in_all():
+    from clusterd.proofs import REFUSAL_LOG_PER_MINUTE, RefusalLog, source_ip
+
+    assert source_ip("ipv4:10.0.0.2:5123") == source_ip("ipv4:10.0.0.2:6000") == "10.0.0.2"
+    assert source_ip("ipv6:[::1]:5123") == "::1"
+    now = [0.0]
+    log = RefusalLog(clock=lambda: now[0])
+    assert log.should_log("10.0.0.2") and not log.should_log("10.0.0.2")
+    many = [log.should_log(f"10.1.{i // 256}.{i % 256}") for i in range(500)]
+    assert sum(many) == REFUSAL_LOG_PER_MINUTE - 1  # a flood from many addresses: a few lines
+    now[0] += 61
+    assert log.should_log("10.0.0.2")  # a minute later it is logged again

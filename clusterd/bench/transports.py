@@ -25,6 +25,8 @@ import grpc
 
 _SERVICE = "clusterd.bench.Transports"
 _STAMP = struct.Struct("<d")
+# The bench service has no Hello: both ends bind proofs to this fixed identity.
+BENCH_IDENTITY_PARTS = ("bench-node", "bench-boot")
 _MAX = [("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)]
 
 
@@ -82,6 +84,11 @@ def _tcp_sink(h: _Handlers, srv) -> None:
                     h.one_way.append(now - _STAMP.unpack_from(buf)[0])
 
 
+def _bench_identity():
+    from clusterd.proofs import NodeIdentity
+    return NodeIdentity(*BENCH_IDENTITY_PARTS)
+
+
 def _server(h: _Handlers, interceptors=()) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_MAX,
                          interceptors=list(interceptors))
@@ -101,7 +108,7 @@ def serve() -> None:
     import os
     import socket
 
-    from clusterd.security import AuthServerInterceptor
+    from clusterd.proofs import AuthServerInterceptor
 
     h = _Handlers()
     tcp = socket.socket()
@@ -110,7 +117,8 @@ def serve() -> None:
     threading.Thread(target=_tcp_sink, args=(h, tcp), daemon=True).start()
     server, port = _server(h)
     # The same service behind the cluster-secret check the daemons use.
-    _authed, auth_port = _server(h, [AuthServerInterceptor(os.environ["CLUSTERD_BENCH_SECRET"])])
+    _authed, auth_port = _server(h, [AuthServerInterceptor(os.environ["CLUSTERD_BENCH_SECRET"],
+                                                           _bench_identity())])
     print(port, tcp.getsockname()[1], auth_port, flush=True)
     server.wait_for_termination()
 
@@ -145,7 +153,7 @@ class TransportPeer:
         import os
         import secrets
 
-        from clusterd.security import AuthClientInterceptor
+        from clusterd.proofs import AuthClientInterceptor
 
         secret = secrets.token_hex(24)
         self.proc = subprocess.Popen([sys.executable, "-m", "clusterd.bench.transports"],
@@ -157,7 +165,7 @@ class TransportPeer:
         self._plain = self.channel
         self._authed = grpc.intercept_channel(
             grpc.insecure_channel(f"127.0.0.1:{auth_port}", options=_MAX),
-            AuthClientInterceptor(secret))
+            AuthClientInterceptor(secret, lambda timeout: _bench_identity()))
 
     def _m(self, kind: str, name: str):
         return getattr(self.channel, kind)(f"/{_SERVICE}/{name}")

@@ -8,6 +8,7 @@ import click
 
 from clusterd.cli.cluster_options import node_options, node_settings
 from clusterd.node.daemon import DaemonConfig, PortError, run_forever
+from clusterd.node.guard import Limits
 from clusterd.node.resources import parse_size
 
 
@@ -27,14 +28,19 @@ def _size(ctx, param, value):
 @click.option("--name", default=None, help="Node name shown to the cluster [default: hostname].")
 @click.option("--memory-limit", "memory_limit", default=None, callback=_size, metavar="SIZE",
               help="Pretend this node has only SIZE usable (e.g. 48G), to keep memory for other work.")
+@click.option("--max-calls-per-peer", default=Limits.max_calls_per_peer, show_default=True,
+              type=click.IntRange(1, Limits.max_calls),
+              help="Calls one address may have running at once; past it, RESOURCE_EXHAUSTED.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 @node_options
-def up(host, port, name, memory_limit, log_level, **cluster):
+def up(host, port, name, memory_limit, max_calls_per_peer, log_level, **cluster):
     """Run the node daemon until Ctrl-C or `clusterd down`."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = DaemonConfig(host=host, port=port, name=name or socket.gethostname(),
-                          memory_limit=memory_limit, **node_settings(host, **cluster))
+                          memory_limit=memory_limit,
+                          limits=Limits(max_calls_per_peer=max_calls_per_peer),
+                          **node_settings(host, **cluster))
 
     def announce(daemon):
         r = daemon.resources

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import threading
 from typing import Any, Optional, Sequence
 
@@ -39,15 +38,17 @@ class Advertiser:
         info: Any,
         *,
         port: int,
+        boot: str,
         interfaces: Optional[Sequence[str]] = None,
         tls: bool = False,
     ) -> None:
         self._port = port
         self._interfaces = list(interfaces) if interfaces else None
         self._tls = tls
-        # A fresh token per process: lets browsers tell one node seen twice
-        # from two processes claiming one id, and see restarts.
-        self.boot = secrets.token_hex(4)
+        # The daemon's boot id (new in every process; proofs are bound to it):
+        # lets browsers tell one node seen twice from two processes claiming
+        # one id, and see restarts. Names carry a prefix (DNS labels are short).
+        self.boot = boot
         self._info = info
         self._zc: Optional[Zeroconf] = None
         self._service: Optional[ServiceInfo] = None
@@ -65,7 +66,7 @@ class Advertiser:
         node_id = str(info.node_id if hasattr(info, "node_id") else info["node_id"])
         node_name = str(info.name if hasattr(info, "name") else info.get("name", ""))
         if name is None:
-            name = f"{_label(node_name, 36)}-{node_id[:8]}-{self.boot}.{SERVICE_TYPE}"
+            name = f"{_label(node_name, 36)}-{node_id[:8]}-{self.boot[:8]}.{SERVICE_TYPE}"
         return ServiceInfo(
             SERVICE_TYPE,
             name,
@@ -73,7 +74,7 @@ class Advertiser:
             properties=txt_from_info(info, port=self._port, boot=self.boot, tls=self._tls),
             # One host name per process, so two daemons on one machine (or
             # in tests) never fight over the same A records.
-            server=f"clusterd-{node_id[:8]}-{self.boot}.local.",
+            server=f"clusterd-{node_id[:8]}-{self.boot[:8]}.local.",
             parsed_addresses=self.addresses,
         )
 

@@ -202,12 +202,14 @@ class Hashes:
     git_sha1: str  # the blob id git (and the hub, for non-LFS files) names the content by
 
 
-def hash_file(path: Path) -> Hashes:
-    """sha256 and git blob sha1 in one read."""
-    size = os.path.getsize(path)
+def hash_fd(fd: int) -> Hashes:
+    """sha256 and git blob sha1 of an open file in one read (from its start,
+    its position untouched)."""
+    size = os.fstat(fd).st_size
     s256, s1 = hashlib.sha256(), hashlib.sha1(b"blob %d\x00" % size)
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            s256.update(chunk)
-            s1.update(chunk)
+    offset = 0
+    while chunk := os.pread(fd, HASH_CHUNK, offset):
+        s256.update(chunk)
+        s1.update(chunk)
+        offset += len(chunk)
     return Hashes(s256.hexdigest(), s1.hexdigest())

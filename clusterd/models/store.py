@@ -10,14 +10,21 @@ is found by them.
 
 <root> is $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub,
 the same rules huggingface_hub follows.
+
+Below a repository's folder no symlink is followed except the layout's own
+(snapshot -> blobs), and nothing is written through one (models/safe_fs.py):
+a link planted in a snapshot can neither serve a file from outside the
+store nor make a transfer write outside it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -26,6 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
+from clusterd.messages import quoted
+from clusterd.models.safe_fs import (Entry, UnsafeEntry, blob_of_link, open_dir, open_entry,
+                                     opened_dir, replace_in, walk_files, write_text_in)
+
+log = logging.getLogger("clusterd.store")
+
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # org/name, or a bare legacy name; no "..", no leading dot or slash.
@@ -33,6 +46,11 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 # Snapshot name when files came only from peers and no commit is known: it
 # keeps the cache usable by huggingface_hub (refs/main points at it).
 LOCAL_REVISION = "clusterd-local"
+# The hub's own limits (96 characters per name part); paths as filesystems allow.
+MAX_REPO_ID_CHARS = 96 * 2 + 1
+MAX_REVISION_CHARS = 128
+MAX_PATH_CHARS = 1024
+MAX_PART_BYTES = 255
 
 
 class StoreError(ValueError):
@@ -66,10 +84,10 @@ class ModelRef:
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
         repo, _, rev = text.strip().partition("@")
-        if not is_repo_id(repo):
-            raise StoreError(f"{text!r} is not a repository id (expected org/name)")
-        if rev and not re.match(r"^[\w.-]+$", rev):
-            raise StoreError(f"{text!r}: bad revision {rev!r}")
+        if len(repo) > MAX_REPO_ID_CHARS or not is_repo_id(repo):
+            raise StoreError(f"{quoted(text)} is not a repository id (expected org/name)")
+        if rev and (len(rev) > MAX_REVISION_CHARS or not re.match(r"^[\w.-]+$", rev)):
+            raise StoreError(f"{quoted(text)}: bad revision {quoted(rev)}")
         return cls(repo, rev or None)
 
     def __str__(self) -> str:
@@ -80,10 +98,12 @@ def safe_relpath(path: str) -> str:
     """A file path inside a model folder, or StoreError. Refuses absolute
     paths, '..', backslashes and empty parts before touching the disk."""
     if not path or "\x00" in path or "\\" in path or path.startswith("/"):
-        raise StoreError(f"path {path!r} is not a relative path inside the model folder")
+        raise StoreError(f"path {quoted(path)} is not a relative path inside the model folder")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise StoreError(f"path {path!r} is outside the model folder")
+        raise StoreError(f"path {quoted(path)} is outside the model folder")
+    if len(path) > MAX_PATH_CHARS or any(len(p.encode()) > MAX_PART_BYTES for p in parts):
+        raise StoreError(f"path {quoted(path)} is too long for a file of a model")
     return path
 
 
@@ -96,9 +116,27 @@ class ModelStore:
 
     # -- reading ----------------------------------------------------------------
     def repo_dir(self, repo_id: str) -> Path:
-        if not is_repo_id(repo_id):
-            raise StoreError(f"{repo_id!r} is not a repository id")
+        if len(repo_id) > MAX_REPO_ID_CHARS or not is_repo_id(repo_id):
+            raise StoreError(f"{quoted(repo_id)} is not a repository id")
         return self.root / ("models--" + repo_id.replace("/", "--"))
+
+    @contextmanager
+    def _repo(self, repo_id: str, create: bool = False) -> Iterator[Optional[int]]:
+        """The repository folder, open (None when absent). The store's root
+        and the repository folder may be symlinks (the owner's choice, e.g.
+        a cache on another disk); nothing below is followed."""
+        path = self.repo_dir(repo_id)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def commit(self, ref: ModelRef) -> Optional[str]:
         """The snapshot clusterd uses for ref: the pinned commit, else the one
@@ -120,30 +158,71 @@ class ModelStore:
         commit = self.commit(ref)
         return self.repo_dir(ref.repo_id) / "snapshots" / commit if commit else None
 
+    @contextmanager
+    def opened(self, ref: ModelRef, path: str) -> Iterator[Optional[Entry]]:
+        """The file behind `path` of the model, open for reading (its fd is
+        closed on exit), or None when this store lacks it. StoreError when
+        it is a symlink out of the repository's blobs (planted to serve
+        other files) or not a regular file."""
+        parts = safe_relpath(path).split("/")
+        commit = self.commit(ref)
+        if commit is None:
+            yield None
+            return
+        with self._repo(ref.repo_id) as repo_fd:
+            if repo_fd is None:
+                yield None
+                return
+            try:
+                entry = open_entry(repo_fd, ["snapshots", commit], parts)
+            except UnsafeEntry:
+                raise StoreError(f"{quoted(path)} of {ref} is outside the model store") from None
+            try:
+                yield entry
+            finally:
+                if entry is not None:
+                    os.close(entry.fd)
+
     def file(self, ref: ModelRef, path: str) -> Optional[Path]:
-        """The file behind `path` of the model, or None when this store lacks
-        it. StoreError when it resolves outside the repository's folder (a
-        symlink planted to serve other files)."""
-        safe_relpath(path)
-        snap = self.snapshot(ref)
-        if snap is None:
-            return None
-        candidate = snap / path
-        if not candidate.is_file():
-            return None
-        real = candidate.resolve()
-        if not real.is_relative_to(self.repo_dir(ref.repo_id).resolve()):
-            raise StoreError(f"{path} of {ref} is outside the model store")
-        return candidate
+        """Where `path` of the model is (checked as `opened` checks it), or
+        None. For reading by path where a flipped link does no harm (a
+        header check); serving uses `opened`."""
+        with self.opened(ref, path) as entry:
+            if entry is None:
+                return None
+        return self.snapshot(ref) / path
 
     def files(self, ref: ModelRef) -> Iterator[str]:
-        """Every file path of the model's snapshot (relative, '/'-separated)."""
-        snap = self.snapshot(ref)
-        if snap is None:
+        """Every file path of the model's snapshot (relative, '/'-separated).
+        An entry the store refuses (a link out of it) is skipped with a
+        warning: one bad entry does not hide the others."""
+        commit = self.commit(ref)
+        if commit is None:
             return
-        for p in sorted(snap.rglob("*")):
-            if p.is_file():
-                yield p.relative_to(snap).as_posix()
+        with self._repo(ref.repo_id) as repo_fd:
+            if repo_fd is None:
+                return
+            try:
+                snap_fd = open_dir(repo_fd, ["snapshots", commit])
+            except (UnsafeEntry, FileNotFoundError, NotADirectoryError):
+                log.warning("snapshot %s of %s is not a folder: skipped", commit[:12], ref)
+                return
+            try:
+                names = sorted(walk_files(snap_fd))
+            finally:
+                os.close(snap_fd)
+            for name in names:
+                try:
+                    entry = open_entry(repo_fd, ["snapshots", commit], name.split("/"))
+                except UnsafeEntry as e:
+                    log.warning("%s of %s skipped: %s", quoted(name), ref, e.strerror)
+                    continue
+                except OSError as e:
+                    log.warning("%s of %s skipped: %s", quoted(name), ref, e.strerror)
+                    continue
+                if entry is not None:
+                    os.close(entry.fd)
+                    yield name
 
     def repos(self) -> list[str]:
         if not self.root.is_dir():
@@ -168,14 +247,23 @@ class ModelStore:
         current = self.commit(ref)
         name = current or commit or (ref.revision if ref.revision and COMMIT.match(ref.revision)
                                      else LOCAL_REVISION)
-        repo = self.repo_dir(ref.repo_id)
-        (repo / "snapshots" / name).mkdir(parents=True, exist_ok=True)
-        ref_file = repo / "refs" / (ref.revision if ref.revision and not COMMIT.match(
-            ref.revision) else "main")
-        if not ref_file.exists():
-            ref_file.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(ref_file, name)
+        branch = ref.revision if ref.revision and not COMMIT.match(ref.revision) else "main"
+        with self._repo(ref.repo_id, create=True) as repo_fd, self._unsafe_is_error(ref):
+            os.close(open_dir(repo_fd, ["snapshots", name], create=True))
+            with opened_dir(repo_fd, ["refs"], create=True) as refs_fd:
+                try:
+                    os.stat(branch, dir_fd=refs_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    write_text_in(refs_fd, branch, name)
         return name
+
+    @contextmanager
+    def _unsafe_is_error(self, ref: ModelRef) -> Iterator[None]:
+        try:
+            yield
+        except UnsafeEntry as e:
+            raise StoreError(f"{quoted(e.filename)} in the store's folder of {ref} is a symlink "
+                             "or not a folder: nothing is written through it") from None
 
     @contextmanager
     def writing(self, repo_id: str, blob: str,
@@ -184,78 +272,121 @@ class ModelStore:
         processes sharing this store (a coordinator and a node on one Mac,
         several daemons on one machine). Yields None when the blob is already
         complete, e.g. another process finished it while this one waited.
-        InterruptedError when `cancel` is set while waiting."""
-        partial, final = self.partial_path(repo_id, blob), self.blob_path(repo_id, blob)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            if final.is_file():
-                yield None
-                return
-            with open(partial, "ab") as f:
-                while True:
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if cancel is not None and cancel.is_set():
-                            raise InterruptedError("cancelled while another process "
-                                                   f"was fetching {blob}") from None
-                        time.sleep(0.2)
-                # The holder we waited for may have renamed our file into place:
-                # write only while the name still refers to the file we locked.
-                try:
-                    same = os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same and not final.is_file():
-                    yield f
+        InterruptedError when `cancel` is set while waiting. Never opens
+        through a symlink."""
+        final = self.blob_path(repo_id, blob).name
+        partial = self.partial_path(repo_id, blob).name
+        ref = ModelRef(repo_id)
+        with self._repo(repo_id, create=True) as repo_fd, self._unsafe_is_error(ref), \
+                opened_dir(repo_fd, ["blobs"], create=True) as blobs_fd:
+            while True:
+                if _is_file_in(blobs_fd, final):
+                    yield None
                     return
+                fd = os.open(partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o644, dir_fd=blobs_fd)
+                with os.fdopen(fd, "ab") as f:
+                    while True:
+                        try:
+                            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            if cancel is not None and cancel.is_set():
+                                raise InterruptedError("cancelled while another process "
+                                                       f"was fetching {blob}") from None
+                            time.sleep(0.2)
+                    # The holder we waited for may have renamed our file into
+                    # place: write only while the name still is the file we locked.
+                    try:
+                        same = os.stat(partial, dir_fd=blobs_fd, follow_symlinks=False
+                                       ).st_ino == os.fstat(f.fileno()).st_ino
+                    except FileNotFoundError:
+                        same = False
+                    if same and not _is_file_in(blobs_fd, final):
+                        yield f
+                        return
 
     def install(self, ref: ModelRef, commit: str, path: str, blob: str, data: Path) -> Path:
-        """Move a verified file `data` into blobs/<blob> and link
+        """Move a verified file `data` (best in the repository's blobs
+        folder, as transfers leave it) into blobs/<blob> and link
         snapshots/<commit>/<path> to it. Atomic: readers see the old state or
         the whole new file, never a part."""
         safe_relpath(path)
-        blob_file = self.blob_path(ref.repo_id, blob)
-        blob_file.parent.mkdir(parents=True, exist_ok=True)
-        if blob_file.is_file() and blob_file.stat().st_size == data.stat().st_size:
-            data.unlink()  # same content already stored (blob names are hashes)
-        else:
-            os.replace(data, blob_file)
+        blob_name = self.blob_path(ref.repo_id, blob).name
+        with self._repo(ref.repo_id, create=True) as repo_fd, self._unsafe_is_error(ref), \
+                opened_dir(repo_fd, ["blobs"], create=True) as blobs_fd:
+            data = Path(data)
+            name = data.name
+            if data.parent != self.blob_path(ref.repo_id, blob).parent:
+                # From elsewhere (a path of this process's own): into blobs first.
+                name = f".{blob_name[:16]}.{os.getpid()}.install"
+                os.replace(data, name, dst_dir_fd=blobs_fd)
+            size = os.stat(name, dir_fd=blobs_fd, follow_symlinks=False).st_size
+            try:
+                have = os.stat(blob_name, dir_fd=blobs_fd, follow_symlinks=False)
+                same = stat.S_ISREG(have.st_mode) and have.st_size == size
+            except FileNotFoundError:
+                same = False
+            if same:  # same content already stored (blob names are hashes)
+                os.unlink(name, dir_fd=blobs_fd)
+            else:
+                replace_in(blobs_fd, name, blob_name)
         return self.link(ref, commit, path, blob)
 
     def link(self, ref: ModelRef, commit: str, path: str, blob: str) -> Path:
-        """snapshots/<commit>/<path> -> blobs/<blob>, replacing any old link."""
-        safe_relpath(path)
-        blob_file = self.blob_path(ref.repo_id, blob)
-        link = self.repo_dir(ref.repo_id) / "snapshots" / commit / path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        target = os.path.relpath(blob_file, link.parent)
-        tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.symlink(target, tmp)
-        except OSError:  # filesystems without symlinks: a hard link, else a copy
+        """snapshots/<commit>/<path> -> blobs/<blob>, replacing any old link.
+        Every folder on the way is a real one (made if missing): a folder
+        symlink planted in the snapshot is an error, never followed."""
+        parts = safe_relpath(path).split("/")
+        blob_name = self.blob_path(ref.repo_id, blob).name
+        if not COMMIT.match(commit) and not re.match(r"^[\w.-]+$", commit):
+            raise StoreError(f"bad snapshot name {quoted(commit)}")
+        dirs = ["snapshots", commit, *parts[:-1]]
+        target = "../" * len(dirs) + "blobs/" + blob_name
+        tmp = f".{parts[-1][:200]}.{os.getpid()}.link"
+        with self._repo(ref.repo_id, create=True) as repo_fd, self._unsafe_is_error(ref), \
+                opened_dir(repo_fd, dirs, create=True) as dir_fd, \
+                opened_dir(repo_fd, ["blobs"], create=True) as blobs_fd:
             try:
-                os.link(blob_file, tmp)
-            except OSError:
-                shutil.copyfile(blob_file, tmp)
-        os.replace(tmp, link)
-        return link
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            try:
+                os.symlink(target, tmp, dir_fd=dir_fd)
+            except OSError:  # filesystems without symlinks: a hard link, else a copy
+                try:
+                    os.link(blob_name, tmp, src_dir_fd=blobs_fd, dst_dir_fd=dir_fd,
+                            follow_symlinks=False)
+                except OSError:
+                    _copy_in(blobs_fd, blob_name, dir_fd, tmp)
+            replace_in(dir_fd, tmp, parts[-1])
+        return self.repo_dir(ref.repo_id) / "snapshots" / commit / path
 
     def remove(self, ref: ModelRef, path: str) -> None:
         """Drop a bad file (its link and the blob behind it) so it is fetched again."""
-        safe_relpath(path)
-        snap = self.snapshot(ref)
-        if snap is None:
+        parts = safe_relpath(path).split("/")
+        commit = self.commit(ref)
+        if commit is None:
             return
-        link = snap / path
-        repo = self.repo_dir(ref.repo_id).resolve()
-        if link.is_symlink():
-            real = link.resolve()
-            if real.is_relative_to(repo) and real.parent.name == "blobs":
-                real.unlink(missing_ok=True)
-        link.unlink(missing_ok=True)
+        dirs = ["snapshots", commit, *parts[:-1]]
+        with self._repo(ref.repo_id) as repo_fd:
+            if repo_fd is None:
+                return
+            try:
+                dir_fd = open_dir(repo_fd, dirs)
+            except (UnsafeEntry, FileNotFoundError, NotADirectoryError):
+                return
+            try:
+                try:
+                    blob = blob_of_link(os.readlink(parts[-1], dir_fd=dir_fd), dirs)
+                except OSError:
+                    blob = None  # absent, or a plain file
+                if blob is not None:
+                    with opened_dir(repo_fd, ["blobs"]) as blobs_fd:
+                        _unlink_in(blobs_fd, blob)
+                _unlink_in(dir_fd, parts[-1])
+            finally:
+                os.close(dir_fd)
 
     def import_folder(self, repo_id: str, folder: Path, commit: Optional[str] = None) -> Path:
         """Copy a model folder into the store (blobs named by sha256), e.g.
@@ -275,14 +406,30 @@ class ModelStore:
         return self.repo_dir(repo_id) / "snapshots" / name
 
 
+def _is_file_in(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _unlink_in(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _copy_in(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dst_dir)
+    with os.fdopen(fd_in, "rb") as fin, os.fdopen(fd_out, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 def _temp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = _temp_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)

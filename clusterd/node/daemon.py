@@ -2,12 +2,14 @@
 a Shutdown RPC (`clusterd down`)."""
 
 import logging
+import os
 import signal
+import sys
 import threading
 import uuid
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import grpc
 
@@ -16,17 +18,24 @@ from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore
 from clusterd.node import runfile
 from clusterd.node.executor import Executor
+from clusterd.node.guard import CallGuard, Limits
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
 from clusterd.node.sources import NodeFiles
+from clusterd.proofs import AuthServerInterceptor, NodeIdentity, new_boot_id
+from clusterd.security import ClientSecurity, TlsFiles, load_secret, server_credentials
 from clusterd.wire import clusterd_pb2_grpc as rpc
-from clusterd.security import (AuthServerInterceptor, ClientSecurity, TlsFiles, load_secret,
-                               server_credentials)
-from clusterd.wire.channel import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, open_channel
+from clusterd.wire.channel import MAX_MESSAGE_BYTES, open_channel, server_options
 
 log = logging.getLogger("clusterd.node")
 
 SESSION_SWEEP_S = 5.0
+# A stop: running calls get GRACE_S to finish, the compute thread
+# COMPUTE_STOP_S to stop (it checks for a stop between layers), threads
+# THREADS_S to end. The whole stop stays within a few seconds.
+GRACE_S = 1.0
+COMPUTE_STOP_S = 3.0
+THREADS_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,25 +50,39 @@ class DaemonConfig:
     mdns: bool = True
     interfaces: Optional[tuple[str, ...]] = None  # IPv4 addresses for mDNS; None: all
     tls: TlsFiles = TlsFiles()
+    limits: Limits = Limits()
 
 
 class NextHops:
-    """One long-lived channel per next-stage address: no per-token setup."""
+    """One long-lived channel per next-stage address: no per-token setup.
+    Each channel learns its node's Hello once (see clusterd/proofs.py)."""
 
     def __init__(self, interceptors: Sequence[object] = (),
                  security: Optional[ClientSecurity] = None):
         self._interceptors = interceptors
         self._security = security
         self._stubs: dict[str, rpc.NodeStub] = {}
+        self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
     def __call__(self, address: str) -> rpc.NodeStub:
         with self._lock:
             stub = self._stubs.get(address)
             if stub is None:
-                stub = rpc.NodeStub(open_channel(address, self._interceptors, self._security))
-                self._stubs[address] = stub
+                channel = open_channel(address, self._interceptors, self._security)
+                self._channels.append(channel)
+                stub = self._stubs[address] = rpc.NodeStub(channel)
             return stub
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels, self._stubs = self._channels, [], {}
+        for channel in channels:
+            channel.close()
+
+
+class PortError(RuntimeError):
+    pass
 
 
 class Daemon:
@@ -69,41 +92,65 @@ class Daemon:
         self.stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
-        # Every RPC, node to node included, carries proof of the cluster secret.
+        self._threads: list[threading.Thread] = []
+        # Every RPC, node to node included, carries proof of the cluster
+        # secret, bound to this node and this start of it.
         secret = config.secret or load_secret(clusterd_home(), create=True)
-        hops = NextHops(security=ClientSecurity(secret, config.tls))
+        identity = NodeIdentity(config.node_id or uuid.uuid4().hex, new_boot_id())
+        self.boot_id = identity.boot_id
+        limits = config.limits
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="rpc"),
+            options=server_options(),
+            interceptors=[AuthServerInterceptor(secret, identity, node_label=repr(self.name)),
+                          CallGuard(repr(self.name), limits)],
+            maximum_concurrent_rpcs=limits.max_workers,
+        )
+        self.port = self._bind(config)
+        self.hops = NextHops(security=ClientSecurity(secret, config.tls))
         # Links to the next stage listen where gRPC does (a specific address
         # when given, else every interface), with the same TLS files.
-        self.executor = Executor(self.name, hops, host=config.host, tls=config.tls,
+        self.executor = Executor(self.name, self.hops, host=config.host, tls=config.tls,
                                  max_frame_bytes=MAX_MESSAGE_BYTES)
         self.resources = probe(config.memory_limit)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-            options=CHANNEL_OPTIONS,
-            interceptors=[AuthServerInterceptor(secret, node_label=repr(self.name))],
-        )
-        address = f"{config.host}:{config.port}"
-        if config.tls.server_enabled:
-            self.port = self.server.add_secure_port(address, server_credentials(config.tls))
-        else:
-            self.port = self.server.add_insecure_port(address)
         self.service = NodeService(
-            node_id=config.node_id or uuid.uuid4().hex, name=self.name, port=self.port,
+            node_id=identity.node_id, boot_id=identity.boot_id, name=self.name, port=self.port,
             resources=self.resources, executor=self.executor, on_shutdown=self.stop_requested.set,
             on_change=self._announce_change,
             # Weight transfers to other nodes use the same secret-bearing channels.
-            files=NodeFiles(self.name, ModelStore(), clusterd_home() / "hashes", hops))
+            files=NodeFiles(self.name, ModelStore(), clusterd_home() / "hashes", self.hops))
         self.advertiser: Optional[Advertiser] = None
         # mDNS work (registration ~2 s, re-announcements) runs on one thread,
         # in order, off the RPC threads: a LoadShard reply never waits on it.
         self._mdns = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdns")
         rpc.add_NodeServicer_to_server(self.service, self.server)
 
+    def _bind(self, config: DaemonConfig) -> int:
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls.server_enabled:
+                port = self.server.add_secure_port(address, server_credentials(config.tls))
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises this when it cannot bind
+            port = 0
+        if port == 0:
+            raise PortError(f"cannot listen on {address}: the port is in use (another "
+                            "`clusterd up`?) or the address is not one of this Mac's; "
+                            "stop the other daemon or choose another --port")
+        return port
+
+    def _thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
     def start(self) -> None:
         self.server.start()
-        threading.Thread(target=self._sweep_sessions, name="sweeper", daemon=True).start()
+        self._thread(self._sweep_sessions, "sweeper")
         if self.config.mdns:
-            self.advertiser = Advertiser(self.service.info(), port=self.port,
+            self.advertiser = Advertiser(self.service.info(), port=self.port, boot=self.boot_id,
                                          interfaces=self.config.interfaces,
                                          tls=self.config.tls.server_enabled)
             self._mdns.submit(self._advertise)
@@ -134,12 +181,16 @@ class Daemon:
                 log.info("session %s timed out; its caches are freed", sid)
 
     def stop(self) -> None:
+        """Stop in order, within a few seconds whatever is running: leave
+        mDNS, refuse new calls and cancel running ones, stop the compute
+        thread, close channels to other nodes, end this daemon's threads."""
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopped = True
         log.info("stopping")
         self.stop_requested.set()
+        self.service.stopping()
         # Unregister from mDNS first, so clients stop picking this node.
         self._mdns.shutdown(wait=True, cancel_futures=True)
         if self.advertiser is not None:
@@ -147,9 +198,17 @@ class Daemon:
                 self.advertiser.close()
             except Exception as e:
                 log.warning("mDNS unregister failed: %s", e)
-        done = self.server.stop(grace=2.0)
-        self.executor.stop()
-        done.wait(5.0)
+        done = self.server.stop(grace=GRACE_S)
+        # Bounded: a stop must not wait on a load or step that runs long.
+        stopper = threading.Thread(target=self.executor.stop, name="compute-stop", daemon=True)
+        stopper.start()
+        stopper.join(COMPUTE_STOP_S)
+        if stopper.is_alive():
+            log.warning("the compute thread did not stop within %.0f s", COMPUTE_STOP_S)
+        done.wait(GRACE_S + 1.0)
+        self.hops.close()
+        for thread in self._threads:
+            thread.join(THREADS_S)
 
     def wait(self) -> None:
         # A timed wait lets the main thread run signal handlers promptly.
@@ -157,13 +216,31 @@ class Daemon:
             pass
 
 
+def end_process(status: int) -> None:
+    """Exit at once, after an orderly stop, without Python's finalization.
+
+    Why not return from main: Python 3.11 ends the daemon threads still alive
+    at finalization with pthread_exit as soon as they next take the GIL. A
+    thread coming back from MLX or gRPC native code (the compute thread in a
+    long kernel, a handler waiting on it, grpc's polling threads) unwinds
+    through C++ frames that forbid it, and the process dies with SIGABRT
+    ("terminate called without an active exception"; pytorch/pytorch#38228,
+    pybind/pybind11#2215); non-daemon RPC threads blocked on the compute
+    thread would instead hold the exit for as long as a load runs. Everything
+    that needed an orderly end has had it (sessions ended, the server stopped,
+    mDNS goodbye sent, channels closed, logs flushed below); what is left is
+    memory and sockets, which the OS frees."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def run_forever(config: DaemonConfig, announce) -> int:
-    try:
-        daemon = Daemon(config)
-    except RuntimeError as e:  # grpc raises this when the port is taken
-        raise PortError(f"cannot listen on {config.host}:{config.port}: {e}") from e
-    if daemon.port == 0:
-        raise PortError(f"cannot listen on {config.host}:{config.port} (port in use?)")
+    daemon = Daemon(config)
     daemon.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: daemon.stop_requested.set())
@@ -171,11 +248,8 @@ def run_forever(config: DaemonConfig, announce) -> int:
     try:
         announce(daemon)
         daemon.wait()
-        daemon.stop()
     finally:
+        daemon.stop()
         runfile.remove(record)
+    end_process(0)
     return 0
-
-
-class PortError(RuntimeError):
-    pass

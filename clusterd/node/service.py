@@ -12,8 +12,10 @@ import grpc
 import mlx.core as mx
 import psutil
 
-from clusterd.models.stage import StageLoadError
 from clusterd.home import clusterd_home
+from clusterd.messages import bounded
+from clusterd.models.stage import StageLoadError
+from clusterd.models.stage_check import check_stage
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
 from clusterd.node.shards import LimitError, Limits
@@ -32,6 +34,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         self,
         *,
         node_id: str,
+        boot_id: str,
         name: str,
         port: int,
         resources: Resources,
@@ -41,6 +44,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         files=None,  # NodeFiles: the model store and node-to-node transfers
     ):
         self.node_id = node_id
+        self.boot_id = boot_id
         self.name = name
         self.port = port
         self.resources = resources
@@ -81,18 +85,23 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             has_shard=bool(shards), sessions=sessions, shards=shards,
             memory_held_bytes=held + sum(s.kv_bytes for s in sessions),
             rss_bytes=psutil.Process(os.getpid()).memory_info().rss, port=self.port,
-            link_port=ex.link_server.port,
+            link_port=ex.link_server.port, boot_id=self.boot_id,
         )
         if shards:
             msg.shard.CopyFrom(shards[0])
         return msg
+
+    def Hello(self, request, context):
+        # The one call without a proof: only what the mDNS record says too.
+        return pb.HelloReply(node_id=self.node_id, boot_id=self.boot_id,
+                             protocol_version=PROTOCOL_VERSION, name=self.name)
 
     def Info(self, request, context):
         return self.info()
 
     def Health(self, request, context):
         return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
-                              state=self.state(), unix_time=time.time())
+                              state=self.state(), unix_time=time.time(), boot_id=self.boot_id)
 
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
@@ -103,34 +112,49 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         try:
             path = self.files.stage_dir(spec)  # model_id: the node's own model store
         except ModelMissing as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, bounded(str(e)))
         except StoreError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"node {self.name}: {e}"))
         try:
             limits = Limits.from_wire(spec.limits)
         except LimitError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
-        name = spec.shard or spec.model_id or str(path)
-        log.info("loading layers [%d, %d) of %s as %s", spec.start_layer, spec.end_layer, path,
-                 name)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"node {self.name}: {e}"))
+        # Everything that can be known before loading is checked while the
+        # shard held now (and its sessions) stays untouched.
         try:
-            shard = self.executor.load(name, path, spec.start_layer, spec.end_layer, limits,
-                                       self.resources.usable_bytes,
-                                       cancelled=lambda: not context.is_active())
-        except Busy as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except LimitError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name}: {e}")
+            check = check_stage(path, spec.start_layer, spec.end_layer, self.resources.usable_bytes)
         except StageLoadError as e:
-            log.warning("load failed: %s", e)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: {e}")
-        except Exception as e:  # anything else: the node stays up and says why
-            log.exception("load failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: load failed: {e}")
+            log.warning("load refused: %s", e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(f"node {self.name}: {e}"))
+        name = spec.shard or spec.model_id or str(check.path)
+        log.info("loading layers [%d, %d) of %s as %s", check.start, check.end, check.path, name)
+        shard, code, problem = self._load(name, check, limits, context)
+        if problem is not None:
+            context.abort(code, bounded(f"node {self.name}: {problem}"))
         log.info("loaded %.1f MiB in %.2fs", shard.stage.weight_bytes / 2**20, shard.load_seconds)
         self._on_change()
         return pb.LoadShardReply(shard=shard.to_wire(self.executor.sessions.count(shard.name)),
                                  memory_held_bytes=shard.budget.total)
+
+    def _load(self, name, check, limits, context):
+        """(shard, None, None) when loaded, else (None, status, message); the
+        exception (and the model it holds) is gone when this returns (the
+        executor frees what a failed load allocated)."""
+        try:
+            shard = self.executor.load(name, check.path, check.start, check.end, limits,
+                                       self.resources.usable_bytes,
+                                       cancelled=lambda: not context.is_active())
+            return shard, None, None
+        except Busy as e:
+            return None, grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except LimitError as e:
+            return None, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except StageLoadError as e:
+            log.warning("load failed: %s", e)
+            return None, grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Exception:  # anything else: the node stays up and says why
+            log.exception("load failed")
+            return None, grpc.StatusCode.INTERNAL, "the load failed unexpectedly; the node's log has why"
 
     def Unload(self, request, context):
         if self.executor.loading:
@@ -148,6 +172,10 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
 
     def PrepareFiles(self, request, context):
         yield from self.files.prepare_files(request, context)
+
+    def stopping(self) -> None:
+        """From now on the node says "stopping" (Health, Info)."""
+        self._stopping.set()
 
     def Shutdown(self, request, context):
         self._stopping.set()

@@ -19,8 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import grpc
 
+from clusterd.messages import bounded
 from clusterd.models.files import FileCheckError, check_file, check_safetensors
-from clusterd.models.store import COMMIT, ModelRef, ModelStore, safe_relpath
+from clusterd.models.store import COMMIT, ModelRef, ModelStore, StoreError, safe_relpath
 from clusterd.node.hub import Cancelled as HubCancelled
 from clusterd.node.hub import Hub, HubError
 from clusterd.node.transfer import (DEFAULT_CHUNK, Cancelled, Offer,
@@ -161,7 +162,11 @@ class Preparer:
                                                  request.allow_hub))
 
     def _have(self, ref: ModelRef, path: str, progress: Progress) -> bool:
-        file = self.store.file(ref, path)
+        try:
+            file = self.store.file(ref, path)
+        except StoreError as e:  # a planted link: fetched again, and never written through
+            log.warning("local copy of %s refused (%s): fetching it again", path, e)
+            return False
         if file is None:
             return False
         try:
@@ -314,10 +319,16 @@ class NodeFiles:
                     self.preparer.prepare(request, events.put, cancel)
                 events.put(pb.PrepareProgress(finished=True))
             except PrepareError as e:
-                events.put(pb.PrepareProgress(error=f"node {self.node_name}: {e}"))
-            except Exception as e:  # the node stays up and says why
+                events.put(pb.PrepareProgress(error=bounded(f"node {self.node_name}: {e}")))
+            except OSError as e:  # the disk: full, read-only, ...
                 log.exception("PrepareFiles failed")
-                events.put(pb.PrepareProgress(error=f"node {self.node_name}: {e}"))
+                events.put(pb.PrepareProgress(
+                    error=f"node {self.node_name}: preparing files failed: {e.strerror}"))
+            except Exception:  # the node stays up and says where to look
+                log.exception("PrepareFiles failed")
+                events.put(pb.PrepareProgress(
+                    error=f"node {self.node_name}: preparing files failed unexpectedly; the "
+                          "node's log has the details"))
             finally:
                 events.put(None)
 
@@ -348,8 +359,8 @@ class NodeFiles:
         ref = ModelRef.parse(spec.model_id)
         snap = self.store.snapshot(ref)
         if snap is None or not (snap / "config.json").is_file():
-            raise ModelMissing(f"node {self.node_name} has no {ref} in its model store "
-                               f"({self.store.root}): run `clusterd pull {ref}` first")
+            raise ModelMissing(f"node {self.node_name} has no {ref} in its model store: "
+                               f"run `clusterd pull {ref}` first")
         return snap
 
 

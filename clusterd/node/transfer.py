@@ -2,7 +2,8 @@
 the receiving side of one file from one peer.
 
 Serving: only files of the node's model store (a repository's snapshot;
-symlinks may point into its blobs, nowhere else), to callers the server's
+symlinks may point into its blobs, nowhere else; each file is opened without
+following links and served from that open file), to callers the server's
 interceptor already checked for the cluster secret. Each file's sha256 is
 computed once: a blob the hub or clusterd named by its sha256 needs no
 hashing, any other file is hashed once and the result kept in the clusterd
@@ -27,8 +28,10 @@ from typing import Callable, Iterator, Optional
 
 import grpc
 
-from clusterd.models.files import (FileCheckError, check_file, check_safetensors, hash_file)
-from clusterd.models.store import COMMIT, SHA256, ModelRef, ModelStore, StoreError
+from clusterd.messages import quoted
+from clusterd.models.files import FileCheckError, check_file, check_safetensors, hash_fd
+from clusterd.models.safe_fs import Entry
+from clusterd.models.store import COMMIT, SHA256, ModelRef, ModelStore, StoreError, safe_relpath
 from clusterd.wire import clusterd_pb2 as pb
 
 log = logging.getLogger("clusterd.transfer")
@@ -59,84 +62,99 @@ class FileServer:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def sha256(self, file: Path) -> str:
-        """The file's sha256, computed at most once per (file, size, mtime)."""
-        real = Path(file).resolve()
-        st = real.stat()
-        if real.parent.name == "blobs" and SHA256.match(real.name):
-            return real.name  # content-addressed: the name is the hash
-        key = hashlib.sha1(str(real).encode()).hexdigest()
-        entry = self.hash_cache / f"{key}.json"
-        stamp = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        with self._lock(key):
+    def sha256(self, entry: Entry, key: str) -> str:
+        """The sha256 of an opened store file, computed at most once per
+        (file, size, mtime). `key` names the file for the hash cache."""
+        if entry.blob is not None and SHA256.match(entry.blob):
+            return entry.blob  # content-addressed: the name is the hash
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        cache = self.hash_cache / f"{digest}.json"
+        stamp = {"path": key, "size": entry.size, "mtime_ns": entry.mtime_ns}
+        with self._lock(digest):
             try:
-                cached = json.loads(entry.read_text())
+                cached = json.loads(cache.read_text())
                 if {k: cached.get(k) for k in stamp} == stamp and SHA256.match(cached["sha256"]):
                     return cached["sha256"]
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-            hashes = hash_file(real)
-            if real.parent.name == "blobs" and COMMIT.match(real.name) \
-                    and hashes.git_sha1 != real.name:
+            hashes = hash_fd(entry.fd)
+            if entry.blob is not None and COMMIT.match(entry.blob) \
+                    and hashes.git_sha1 != entry.blob:
                 # The hub names small files by their git blob id: this one changed on disk.
-                raise CorruptSource(f"{real.name} does not match its blob id (corrupt on disk)")
+                raise CorruptSource(f"{entry.blob} does not match its blob id (corrupt on disk)")
             self.hash_cache.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp = cache.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps({**stamp, "sha256": hashes.sha256}))
-            os.replace(tmp, entry)
+            os.replace(tmp, cache)
             return hashes.sha256
+
+    def _key(self, ref: ModelRef, path: str, entry: Entry) -> str:
+        where = f"blobs/{entry.blob}" if entry.blob else f"snapshots/{path}"
+        return f"{self.store.repo_dir(ref.repo_id)}/{where}"
 
     def list_files(self, request: pb.ListFilesRequest, context) -> pb.ListFilesReply:
         """The files of `paths` (all when empty) this node holds; absent files
-        are left out, so an empty reply means "I have none of them"."""
+        are left out, so an empty reply means "I have none of them". A file
+        the store refuses (a link out of it) is left out with a warning."""
         try:
             ref = ModelRef.parse(request.model)
             paths = list(request.paths) or list(self.store.files(ref))
-            out = []
             for path in paths:
-                file = self.store.file(ref, path)
-                if file is None:
-                    continue
-                entry = pb.FileEntry(path=path, size=file.stat().st_size)
-                if request.with_sha256:
-                    entry.sha256 = self.sha256(file)
-                out.append(entry)
+                safe_relpath(path)
         except StoreError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except CorruptSource as e:
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        out = []
+        for path in paths:
+            try:
+                with self.store.opened(ref, path) as entry:
+                    if entry is None:
+                        continue
+                    item = pb.FileEntry(path=path, size=entry.size)
+                    if request.with_sha256:
+                        item.sha256 = self.sha256(entry, self._key(ref, path, entry))
+            except StoreError as e:
+                log.warning("ListFiles: %s", e)
+                continue
+            except CorruptSource as e:
+                context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            out.append(item)
         return pb.ListFilesReply(files=out)
 
     def chunks(self, request: pb.FetchFileRequest, context) -> Iterator[pb.FileChunk]:
         try:
             ref = ModelRef.parse(request.model)
-            file = self.store.file(ref, request.path)
-            if file is None:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"{request.path} of {request.model} is not in this node's store")
-            size = file.stat().st_size
-            sha = self.sha256(file)
+            with self.store.opened(ref, request.path) as entry:
+                if entry is None:
+                    context.abort(grpc.StatusCode.NOT_FOUND,
+                                  f"{quoted(request.path)} of {ref} is not in this node's store")
+                # What is served is the file opened and checked here, whatever
+                # the name refers to by the time the bytes are read.
+                yield from self._serve(entry, self.sha256(entry, self._key(ref, request.path,
+                                                                             entry)),
+                                       request, context)
         except StoreError as e:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except CorruptSource as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        offset = request.offset
+
+    def _serve(self, entry: Entry, sha: str, request: pb.FetchFileRequest,
+               context) -> Iterator[pb.FileChunk]:
+        size, offset = entry.size, request.offset
         if offset > size:
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"offset {offset} is past the end of {request.path} ({size} bytes)")
+                          f"offset {offset} is past the end of {quoted(request.path)} "
+                          f"({size} bytes)")
         step = min(max(request.chunk_bytes or DEFAULT_CHUNK, MIN_CHUNK), MAX_CHUNK)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            first = True
-            while context.is_active():
-                data = f.read(step)
-                if data or first:
-                    yield pb.FileChunk(offset=offset, data=data, size=size,
-                                       sha256=sha if first else "")
-                first = False
-                offset += len(data)
-                if len(data) < step:
-                    return
+        first = True
+        while context.is_active():
+            data = os.pread(entry.fd, min(step, size - offset), offset) if offset < size else b""
+            if data or first:
+                yield pb.FileChunk(offset=offset, data=data, size=size,
+                                   sha256=sha if first else "")
+            first = False
+            offset += len(data)
+            if len(data) < step:
+                return
 
 
 # -- receiving -----------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""Soak: N concurrent sessions on 3 local daemons for a given time, with abuse
+interleaved (unauthenticated floods, headers-only callers, oversize and
+garbage requests, the coordinator process killed and restarted). Records
+each node's RSS after warm-up and at the end, and checks every finished
+generation's tokens against single-process mlx-lm (greedy).
+
+    python benchmarks/soak.py --duration 120 --sessions 4
+    python benchmarks/soak.py --duration 3600 --sessions 8 --kill-every 120
+
+Writes benchmarks/results/soak-<time>.json (with the exact command). Not a
+test: it runs as long as asked, and only on this machine's loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+# -- the coordinator process (killed and restarted by the soak) -------------
+
+def coordinator(args) -> None:
+    from clusterd.coordinator.cluster import connect, load_ring, ranges_from_counts
+    from clusterd.coordinator.pipeline import GenerationError, Pipeline, Sampling
+    from clusterd.coordinator.peers import PeerError
+
+    nodes = connect(args.peers)
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    layers, n = config["num_hidden_layers"], len(nodes)
+    ranges = ranges_from_counts([layers // n + (i < layers % n) for i in range(n)])
+    pipeline = Pipeline(load_ring(Path(args.model), nodes, ranges))
+    eos = config.get("eos_token_id", 1)
+    stop_ids = eos if isinstance(eos, list) else [eos]
+    out = open(args.log, "a", buffering=1)
+    lock = threading.Lock()
+
+    def session(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            prompt = [rng.randrange(2, config["vocab_size"]) for _ in range(rng.randint(4, 48))]
+            try:
+                tokens = list(pipeline.generate(prompt, args.max_tokens, Sampling(temperature=0.0),
+                                                stop_ids))
+                row = {"prompt": prompt, "tokens": tokens}
+            except (GenerationError, PeerError) as e:
+                row = {"prompt": prompt, "error": str(e)[:300]}
+            with lock:
+                out.write(json.dumps(row) + "\n")
+
+    threads = [threading.Thread(target=session, args=(args.seed * 1000 + i,), daemon=True)
+               for i in range(args.sessions)]
+    for t in threads:
+        t.start()
+    print("coordinator running", flush=True)
+    for t in threads:
+        t.join()
+
+
+# -- abuse ---------------------------------------------------------------------
+
+def abuse_round(address: str, counts: dict) -> None:
+    """One round of hostile traffic at one node; every answer is checked
+    for a status (a dropped node would show as UNAVAILABLE)."""
+    from clusterd.wire.channel import MAX_MESSAGE_BYTES, open_channel
+
+    raw = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)])
+    try:
+        futures = [raw.unary_unary("/clusterd.v1.Node/Info").future(b"", timeout=10)
+                   for _ in range(50)]  # a flood without proofs
+        held = threading.Event()
+
+        def nothing():
+            held.wait(5)
+            yield from ()
+
+        silent = [raw.stream_unary("/clusterd.v1.Node/Health").future(nothing(), timeout=10)
+                  for _ in range(16)]  # headers, never a body
+        big = raw.unary_unary("/clusterd.v1.Node/LoadShard").future(b"\x01" * (8 * 2**20),
+                                                                     timeout=30)
+        for f in futures + silent + [big]:
+            counts[f.exception(timeout=30).code().name] += 1
+        held.set()
+    finally:
+        raw.close()
+    signed = open_channel(address)
+    try:
+        for body in (b"\x00" * (MAX_MESSAGE_BYTES + 1), os.urandom(200), b"\xff" * 16):
+            try:
+                signed.unary_unary("/clusterd.v1.Node/Forward")(body, timeout=30)
+                counts["OK"] += 1
+            except grpc.RpcError as e:
+                counts[e.code().name] += 1
+    finally:
+        signed.close()
+
+
+# -- the soak --------------------------------------------------------------------
+
+def rss_of(nodes) -> dict:
+    return {n.name: psutil.Process(n.pid).memory_info().rss for n in nodes}
+
+
+def verify(model: Path, rows: list[dict], max_tokens: int, stop_ids: list[int],
+           limit: int) -> dict:
+    from mlx_lm.utils import load_model
+
+    from clusterd.reference import mlx_lm_greedy
+
+    ref_model = load_model(model)[0]
+    done = [r for r in rows if "tokens" in r]
+    checked, mismatches = 0, []
+    for row in done[:limit] if limit else done:
+        want = mlx_lm_greedy(model, row["prompt"], max_tokens, stop_ids=stop_ids,
+                             model=ref_model)
+        checked += 1
+        if want != row["tokens"]:
+            mismatches.append({"prompt": row["prompt"], "got": row["tokens"], "want": want})
+    return {"finished": len(done), "checked": checked, "mismatches": mismatches[:10],
+            "mismatch_count": len(mismatches)}
+
+
+def soak(args) -> dict:
+    from collections import Counter
+
+    from clusterd.coordinator.peers import PeerHandle
+    from clusterd.local_cluster import LocalCluster
+    from clusterd.models.synthetic import build_synthetic_model
+
+    model = build_synthetic_model(args.arch, args.preset, 0)
+    config = json.loads((model / "config.json").read_text())
+    eos = config.get("eos_token_id", 1)
+    stop_ids = eos if isinstance(eos, list) else [eos]
+    work = Path(tempfile.mkdtemp(prefix="clusterd-soak-"))
+    log = work / "generations.jsonl"
+    counts: Counter = Counter()
+    report: dict = {"command": " ".join([sys.executable, *sys.argv]), "model": str(model.name),
+                    "sessions": args.sessions, "duration_s": args.duration,
+                    "max_tokens": args.max_tokens}
+    with LocalCluster(3, workdir=work, prefix="soak") as cluster:
+        def start_coordinator() -> subprocess.Popen:
+            cmd = [sys.executable, __file__, "--coordinator", "--model", str(model),
+                   "--log", str(log), "--sessions", str(args.sessions),
+                   "--max-tokens", str(args.max_tokens), "--seed", str(counts["restarts"]),
+                   *sum((["--peer", a] for a in cluster.addresses), [])]
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                    stderr=open(work / "coordinator.log", "a"))
+
+        proc = start_coordinator()
+        t0 = time.monotonic()
+        time.sleep(min(args.warmup, args.duration / 4))
+        report["rss_after_warmup"] = rss_of(cluster.nodes)
+        peak = dict(report["rss_after_warmup"])
+        next_kill = time.monotonic() + args.kill_every
+        while time.monotonic() - t0 < args.duration:
+            abuse_round(random.choice(cluster.addresses), counts)
+            counts["abuse_rounds"] += 1
+            for name, value in rss_of(cluster.nodes).items():
+                peak[name] = max(peak[name], value)
+            if time.monotonic() >= next_kill:
+                proc.send_signal(signal.SIGKILL)  # the coordinator vanishes mid-generation
+                proc.wait()
+                counts["coordinator_kills"] += 1
+                counts["restarts"] += 1
+                proc = start_coordinator()
+                next_kill = time.monotonic() + args.kill_every
+            time.sleep(args.abuse_every)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        peers = [PeerHandle(a) for a in cluster.addresses]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(p.info().sessions for p in peers):
+            time.sleep(0.2)
+        report["sessions_left_after_coordinator_gone"] = sum(len(p.info().sessions)
+                                                            for p in peers)
+        report["nodes_healthy_at_end"] = all(p.health().state == "ready" for p in peers)
+        for p in peers:
+            p.close()
+        report["rss_at_end"] = rss_of(cluster.nodes)
+        report["rss_peak_sampled"] = peak
+        report["exit_codes"] = [n.stop() for n in cluster.nodes]
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    report["abuse_answers"] = dict(counts)
+    report["generation_errors"] = sum(1 for r in rows if "error" in r)
+    report["verification"] = verify(model, rows, args.max_tokens, stop_ids, args.verify_limit)
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of soak")
+    p.add_argument("--sessions", type=int, default=4, help="concurrent sessions")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--arch", default="deepseek_v3")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--warmup", type=float, default=20.0)
+    p.add_argument("--abuse-every", type=float, default=2.0)
+    p.add_argument("--kill-every", type=float, default=40.0, help="coordinator kill period, s")
+    p.add_argument("--verify-limit", type=int, default=0,
+                   help="generations checked at most (0: every one)")
+    p.add_argument("--out", type=Path, default=None)
+    # The coordinator process's own arguments.
+    p.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--peer", dest="peers", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--log", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.coordinator:
+        coordinator(args)
+        return
+    report = soak(args)
+    out = args.out or RESULTS / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("verification", "rss_after_warmup", "rss_at_end",
+                                              "sessions_left_after_coordinator_gone",
+                                              "exit_codes")}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
