@@ -68,12 +68,15 @@ def settle(peer, model, loaded: bool) -> None:
         if info.has_shard:
             peer.unload()
         return
-    if not (info.has_shard and info.shard.start_layer == 0 and info.shard.end_layer == 6):
-        peer.load_shard(pb.StageSpec(model_path=str(model), start_layer=0, end_layer=6))
+    if not any(x.shard == "fuzz" and (x.start_layer, x.end_layer) == (0, 6)
+               for x in info.shards):
+        peer.unload()  # an earlier example may have loaded other shards beside it
+        peer.load_shard(pb.StageSpec(model_path=str(model), start_layer=0, end_layer=6,
+                                     shard="fuzz"))
         info = peer.info()
     if SESSION not in [s.session_id for s in info.sessions]:
         peer.open_session(pb.OpenSessionRequest(session_id=SESSION, next_address="127.0.0.1:1",
-                                                max_tokens=2))
+                                                max_tokens=2, shard="fuzz", client_id="fuzz"))
 
 
 def send(channel, method, body: bytes):

@@ -59,14 +59,16 @@ def crafted(model, tmp_path, name: str, **changes):
 
 def test_a_failed_load_keeps_the_shard_and_its_sessions(peer, model, tmp_path):
     held = peer.load_shard(stage(model)).shard
-    peer.open_session(pb.OpenSessionRequest(session_id="kept", next_address="127.0.0.1:1"))
+    peer.open_session(pb.OpenSessionRequest(session_id="kept", next_address="127.0.0.1:1",
+                                            shard=held.shard, client_id="c"))
     bad_configs = [crafted(model, tmp_path, "wide", hidden_size=10**9),
                    crafted(model, tmp_path, "typed", vocab_size="many")]
     for spec in [stage(tmp_path / "mistyped"), stage(model, 0, 99),
                  *[stage(c) for c in bad_configs]]:
         refused(lambda: peer.load_shard(spec))
         info = peer.info()
-        assert info.shard == held
+        assert [(x.shard, x.start_layer, x.end_layer) for x in info.shards] == \
+            [(held.shard, held.start_layer, held.end_layer)]
         assert [s.session_id for s in info.sessions] == ["kept"]
     peer.end_session("kept")
 

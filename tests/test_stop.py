@@ -35,12 +35,14 @@ def test_sigterm_while_a_load_waits_on_busy_compute(tmp_path, synthetic):
     node = start_daemon(tmp_path, "busy")
     peer = PeerHandle(node.address)
     try:
-        peer.load_shard(pb.StageSpec(model_path=str(model), start_layer=0, end_layer=2))
-        peer.open_session(pb.OpenSessionRequest(session_id="long", next_address="127.0.0.1:1"))
+        shard = peer.load_shard(pb.StageSpec(model_path=str(model), start_layer=0,
+                                             end_layer=2)).shard.shard
+        peer.open_session(pb.OpenSessionRequest(session_id="long", next_address="127.0.0.1:1",
+                                                shard=shard, client_id="c"))
         # A 2048-token prefill keeps this machine's compute thread busy for
         # many seconds; the load behind it waits.
-        peer.forward(pb.Activation(session_id="long", tokens=pb.TokenIds(ids=[1] * 2048),
-                                   sample=True))
+        peer.forward(pb.Activation(shard=shard, rows=[pb.Row(session_id="long")], width=2048,
+                                   tokens=pb.TokenIds(ids=[1] * 2048)))
         loader = threading.Thread(target=lambda: _ignore(lambda: peer.load_shard(
             pb.StageSpec(model_path=str(model), start_layer=0, end_layer=3))), daemon=True)
         loader.start()
@@ -71,8 +73,8 @@ def test_no_abort_when_stopped_during_or_right_after_a_run(tmp_path, synthetic):
         with LocalCluster(3, workdir=tmp_path / f"r{round_}", prefix=f"r{round_}n") as cluster:
             peers = sum((["--peer", a] for a in cluster.addresses), [])
             if round_ == 0:  # stopped mid-generation
-                run = subprocess.Popen([*base, *peers, "--prompt", "a", "--max-tokens",
-                                        "1000000"], stdout=subprocess.DEVNULL,
+                run = subprocess.Popen([*base, *peers, "--prompt", "a", "--context", "8192",
+                                        "--max-tokens", "8000"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, env=os.environ.copy())
                 first = PeerHandle(cluster.addresses[0])
                 try:
