@@ -33,10 +33,12 @@ def connect(addresses: Sequence[str], interceptors=()) -> list[Node]:
 def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
               ranges: Sequence[Optional[tuple[int, int]]],
               on_loaded: Optional[Callable[[Node, pb.LoadShardReply], None]] = None,
-              *, model_id: str = "") -> list[LoadedStage]:
+              *, model_id: str = "", context: int = 0, sessions: int = 0) -> list[LoadedStage]:
     """Load every stage at once (a node whose range is None takes no part);
     any failure names its node. With model_id (a repository id) each node
-    loads from its own model store, else every node reads model_dir."""
+    loads from its own model store, else every node reads model_dir.
+    `context` x `sessions`: the KV cache the plan reserved (a Mac keeps it
+    wired with the weights)."""
     model_path = "" if model_id else str(Path(model_dir).resolve())
     assignments = [(n, r) for n, r in zip(nodes, ranges) if r is not None]
 
@@ -44,7 +46,7 @@ def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
         node, (start, end) = assignments[i]
         reply = node.peer.load_shard(pb.StageSpec(
             model_path=model_path, model_id=model_id, start_layer=start, end_layer=end,
-            stage_index=i, num_stages=len(assignments)))
+            stage_index=i, num_stages=len(assignments), context=context, sessions=sessions))
         if on_loaded:
             on_loaded(node, reply)
         return LoadedStage(node.peer, start, end, reply.shard.weight_bytes)

@@ -92,7 +92,8 @@ def open_ring(source: ModelSource, addresses: Sequence[str], opts: RingOptions,
 
     def place(on: list, forced_split: Optional[str]) -> tuple[Path, list[LoadedStage]]:
         model_dir, model_id, ranges = place_files(source, on, forced_split, opts, say, confirm)
-        return model_dir, load_ring(model_dir, on, ranges, on_loaded, model_id=model_id)
+        return model_dir, load_ring(model_dir, on, ranges, on_loaded, model_id=model_id,
+                                    context=opts.context)
 
     model_dir, stages = place(nodes, opts.split)
     # After a node drops out the forced split no longer applies: the planner decides.

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from clusterd.models.files import FileCheckError, check_safetensors, is_inside_name, tensor_wanted
+from clusterd.models.watchdog import prefill_policy
 
 # The only per-architecture fact a stage needs: DeepSeek's MLA attention takes
 # its causal mask as an array (it adds rope scores to it), the others accept
@@ -59,6 +60,7 @@ class StageModel:
         self.vocab_size = int(config["vocab_size"])
         self._mask_as_array = MASK_AS_ARRAY[self.model_type]
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        self.prefill_evals = prefill_policy(config, bounds.start, bounds.end)
 
     @property
     def activation_dtype(self) -> mx.Dtype:
@@ -74,8 +76,11 @@ class StageModel:
         """Token ids (first stage) or a hidden state -> hidden state."""
         h = self.model.model.embed_tokens(x) if self.bounds.first else x
         mask = create_attention_mask(h, cache[0], return_array=self._mask_as_array)
-        for layer, c in zip(self.layers, cache):
+        k = self.prefill_evals.layers_per_eval(h.shape[1], cache[0].offset)
+        for i, (layer, c) in enumerate(zip(self.layers, cache), 1):
             h = layer(h, mask, cache=c)
+            if k and i % k == 0 and i < len(self.layers):
+                mx.eval(h)  # Metal kills a command buffer that runs too long (models/watchdog.py)
         return h
 
     def logprobs(self, h: mx.array) -> mx.array:

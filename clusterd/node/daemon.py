@@ -145,6 +145,7 @@ class Daemon:
             except Exception as e:
                 log.warning("mDNS unregister failed: %s", e)
         done = self.server.stop(grace=2.0)
+        self.service.wired.release()
         self.executor.stop()
         done.wait(5.0)
 

@@ -19,6 +19,7 @@ from clusterd.node.executor import Busy, Executor
 from clusterd.node.session_rpcs import SessionRpcs
 from clusterd.node.resources import Resources
 from clusterd.node.sources import ModelMissing, NodeFiles, Stubs
+from clusterd.node.wired import WiredMemory
 from clusterd.wire import PROTOCOL_VERSION
 from clusterd.wire import clusterd_pb2 as pb
 from clusterd.wire import clusterd_pb2_grpc as rpc
@@ -50,6 +51,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         if files is None:
             files = NodeFiles(name, ModelStore(), clusterd_home() / "hashes", Stubs())
         self.files = files
+        self.wired = WiredMemory(executor.call)  # Metal only: keeps the stage resident
 
     # -- identity and health --------------------------------------------------
     def state(self) -> str:
@@ -120,6 +122,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             log.exception("load failed")
             context.abort(grpc.StatusCode.INTERNAL, f"node {self.name}: load failed: {e}")
         log.info("loaded %.1f MiB in %.2fs", stage.weight_bytes / 2**20, self.executor.load_seconds)
+        self.wired.hold(stage, spec.context, spec.sessions)
         self._on_change()
         return pb.LoadShardReply(shard=self._shard(stage), memory_held_bytes=stage.weight_bytes)
 
@@ -127,6 +130,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         if self.executor.loading:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a load is in progress")
         freed = self.executor.unload()
+        self.wired.release()
         self._on_change()
         return pb.UnloadReply(freed_bytes=freed)
 
