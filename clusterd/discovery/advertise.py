@@ -45,9 +45,11 @@ class Advertiser:
         self._port = port
         self._interfaces = list(interfaces) if interfaces else None
         self._tls = tls
-        # A fresh token per process: lets browsers tell one node seen twice
-        # from two processes claiming one id, and see restarts.
-        self.boot = secrets.token_hex(4)
+        # A token per process (the node's boot id when it has one): lets
+        # browsers tell one node seen twice from two processes claiming one
+        # id, and see restarts.
+        boot = info.get("boot_id") if isinstance(info, dict) else getattr(info, "boot_id", "")
+        self.boot = str(boot or "") or secrets.token_hex(4)
         self._info = info
         self._zc: Optional[Zeroconf] = None
         self._service: Optional[ServiceInfo] = None

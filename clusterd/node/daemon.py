@@ -15,6 +15,7 @@ from clusterd.discovery import Advertiser
 from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore
 from clusterd.node import runfile
+from clusterd.node.clock import node_clock
 from clusterd.node.executor import Executor
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
@@ -72,12 +73,13 @@ class Daemon:
         # Every RPC, node to node included, carries proof of the cluster secret.
         secret = config.secret or load_secret(clusterd_home(), create=True)
         hops = NextHops(security=ClientSecurity(secret, config.tls))
+        clock = node_clock()
         self.executor = Executor(self.name, hops)
         self.resources = probe(config.memory_limit)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
             options=CHANNEL_OPTIONS,
-            interceptors=[AuthServerInterceptor(secret, node_label=repr(self.name))],
+            interceptors=[AuthServerInterceptor(secret, node_label=repr(self.name), clock=clock)],
         )
         address = f"{config.host}:{config.port}"
         if config.tls.server_enabled:
@@ -90,6 +92,7 @@ class Daemon:
             on_change=self._announce_change,
             # Weight transfers to other nodes use the same secret-bearing channels.
             files=NodeFiles(self.name, ModelStore(), clusterd_home() / "hashes", hops))
+        self.service.probe_via(hops, tls=config.tls.client_enabled, clock=clock)
         self.advertiser: Optional[Advertiser] = None
         # mDNS work (registration ~2 s, re-announcements) runs on one thread,
         # in order, off the RPC threads: a LoadShard reply never waits on it.

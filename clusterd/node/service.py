@@ -4,6 +4,7 @@ session and token calls are in session_rpcs.py."""
 
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Callable
@@ -16,6 +17,7 @@ from clusterd.models.stage import StageLoadError
 from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
+from clusterd.node.probe import ProbeRpcs
 from clusterd.node.session_rpcs import SessionRpcs
 from clusterd.node.resources import Resources
 from clusterd.node.sources import ModelMissing, NodeFiles, Stubs
@@ -27,7 +29,7 @@ from clusterd.wire import clusterd_pb2_grpc as rpc
 log = logging.getLogger("clusterd.node")
 
 
-class NodeService(SessionRpcs, rpc.NodeServicer):
+class NodeService(SessionRpcs, ProbeRpcs, rpc.NodeServicer):
     def __init__(
         self,
         *,
@@ -41,6 +43,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         files=None,  # NodeFiles: the model store and node-to-node transfers
     ):
         self.node_id = node_id
+        self.boot_id = secrets.token_hex(8)  # this process: one node reached twice is one node
         self.name = name
         self.port = port
         self.resources = resources
@@ -78,6 +81,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             has_shard=stage is not None, sessions=sessions,
             memory_held_bytes=weights + sum(s.kv_bytes for s in sessions),
             rss_bytes=psutil.Process(os.getpid()).memory_info().rss, port=self.port,
+            boot_id=self.boot_id,
         )
         if stage is not None:
             msg.shard.CopyFrom(self._shard(stage))
@@ -95,7 +99,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
 
     def Health(self, request, context):
         return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
-                              state=self.state())
+                              state=self.state(), unix_time=self.clock(), boot_id=self.boot_id)
 
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
