@@ -2,6 +2,7 @@
 claim one node id (a copied clusterd folder) are used by none, with one
 message; one process reached under two addresses is one node."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ def twins(tmp_path_factory):
 
 def clusterd(*args):
     return subprocess.run([sys.executable, "-m", "clusterd", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
 
 
 def test_every_command_refuses_them_with_the_same_message(twins, synthetic):

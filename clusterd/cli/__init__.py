@@ -3,6 +3,7 @@
 import click
 
 from clusterd.cli.demo import demo
+from clusterd.cli.doctor import doctor
 from clusterd.cli.down import down
 from clusterd.cli.models import models, pull
 from clusterd.cli.nodes import nodes, secret, status
@@ -18,7 +19,7 @@ def main() -> None:
     """Run very large models across the pooled memory of several Macs."""
 
 
-for command in (up, nodes, status, plan, models, pull, run, serve, demo, down, secret):
+for command in (up, nodes, status, plan, models, pull, run, serve, demo, down, secret, doctor):
     main.add_command(command)
 
 from clusterd.cli.bench import bench  # noqa: E402
