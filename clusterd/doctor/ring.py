@@ -22,7 +22,7 @@ from clusterd.wire.channel import open_channel
 
 HOP_PAYLOAD = 7168 * 2      # one R1 hidden state in bf16
 BULK_PAYLOAD = 4 * 2**20    # enough to see the link's throughput, not its latency
-SLOW_RTT_MS = 3.0           # Wi-Fi-like: every token pays it once per hop
+SLOW_RTT_MS = 10.0          # Wi-Fi-like (with the RPC stack): every token pays it once per hop
 
 
 @dataclass(frozen=True)
