@@ -31,7 +31,7 @@ from shard_planner.simulate import Anchor, Prediction, fmt_rate, matching_anchor
 EXIT_DOES_NOT_FIT = 3
 
 
-def model_spec_for(model: str, quant: Optional[str]) -> tuple[ModelSpec, dict[str, Any]]:
+def _model_spec(model: str, quant: Optional[str]) -> tuple[ModelSpec, dict[str, Any]]:
     """A model folder or a catalog name -> (accounting, facts about where it comes from)."""
     from clusterd.models import catalog
 
@@ -185,7 +185,7 @@ def plan(model: str, quant: Optional[str], node_args: Sequence[str], context: in
     from clusterd.models.catalog import CatalogError
 
     try:
-        spec, source = model_spec_for(model, quant)
+        spec, source = _model_spec(model, quant)
     except (CatalogError, UnsupportedModel, HeaderError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     if node_args and peers:

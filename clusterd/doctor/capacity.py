@@ -19,7 +19,8 @@ def _gib(n: int) -> str:
 def plan_for(model: str, quant: Optional[str], ring: Sequence[NodeSeen], *, context: int,
              prefill_step_size: int, links: Any = None):
     """(ModelSpec, source facts, Plan) for `model` on the nodes in ring order."""
-    from clusterd.cli.plan import model_spec_for
+    # `clusterd plan`'s own reading of MODEL (folder, name or repository), so both agree.
+    from clusterd.cli.plan import _model_spec as model_spec_for
     from clusterd.coordinator.placement import node_spec_from_info
     from shard_planner.planner import plan
 
