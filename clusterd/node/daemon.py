@@ -19,6 +19,7 @@ from clusterd.node.clock import node_clock
 from clusterd.node.executor import Executor
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
+from clusterd.node.watch import ResourceWatch
 from clusterd.node.sources import NodeFiles
 from clusterd.wire import clusterd_pb2_grpc as rpc
 from clusterd.security import (AuthServerInterceptor, ClientSecurity, TlsFiles, load_secret,
@@ -102,6 +103,8 @@ class Daemon:
     def start(self) -> None:
         self.server.start()
         threading.Thread(target=self._sweep_sessions, name="sweeper", daemon=True).start()
+        ResourceWatch(self.service, lambda: probe(self.config.memory_limit), self._announce_change,
+                      self.stop_requested).start()
         if self.config.mdns:
             self.advertiser = Advertiser(self.service.info(), port=self.port,
                                          interfaces=self.config.interfaces,
