@@ -160,7 +160,7 @@ def test_neighbour_that_cannot_reach_the_next(broken):
 def test_wrong_secret(broken):
     _, report = broken
     (f,) = only(by_check(report, "secret"), "stranger")
-    assert "cluster secret wrong: stranger refuse this Mac's secret" in f["text"]
+    assert "cluster secret wrong: stranger refuses this Mac's secret" in f["text"]
     assert all(name in f["text"].split("agrees with")[1] for name in ("mac0", "mac1", "mac2"))
     assert "clusterd secret | ssh 10.77.0.5 clusterd secret --set -" in f["fix"]
 

@@ -102,7 +102,8 @@ def secret_findings(s: Survey) -> list[Finding]:
                            "CLUSTERD_SECRET)", tuple(n.name for n in missing)))
     if wrong:
         if agree:
-            text = (f"cluster secret wrong: {_names(wrong)} refuse this Mac's secret{fp}; it "
+            verb = "refuses" if len(wrong) == 1 else "refuse"
+            text = (f"cluster secret wrong: {_names(wrong)} {verb} this Mac's secret{fp}; it "
                     f"agrees with {_names(agree)}")
             fix = "; ".join(f"`clusterd secret | ssh {n.node.host} clusterd secret --set -`, then "
                             f"restart `clusterd up` on {n.name}" for n in wrong)

@@ -117,10 +117,11 @@ def _fix(h: Hop) -> str:
     if "TLS" in r.error:
         return ("one TLS setting for the whole cluster: copy ~/.clusterd/tls to every Mac (or "
                 "remove it from every one), then restart `clusterd up`")
+    left = f", it left from {r.local_address}" if r.local_address else ""
     return (f"let {a.name} connect to {b.name}'s port {b.node.port}: check {b.name}'s firewall "
             f"(System Settings > Network > Firewall) and that {a.name} has a route to "
-            f"{b.node.host} (it left from {r.local_address or 'no address'}); Macs on "
-            "different networks need one they share, e.g. Thunderbolt Bridge")
+            f"{b.node.host}{left}; Macs on different networks need one they share, e.g. "
+            "Thunderbolt Bridge")
 
 
 def measured_links(hops: Sequence[Hop]) -> list[MeasuredLink]:
