@@ -38,10 +38,10 @@ def memory_findings(label: str, p) -> list[Finding]:
     if p.verdict == "fits":
         return [Finding(OK, "memory", f"{label} fits the usable memory ({stages})")]
     if p.verdict == "fits-with-wired-limit":
-        fix = "; ".join(f"on {name}: {cmd}" for name, cmd in p.wired_limit_commands())
+        fix = "; ".join(f"on {name}: {cmd}" for name, cmd in p.wired_limit_commands)
         return [Finding(WARNING, "memory", f"{label} fits only with a raised GPU wired limit "
                         f"({stages})", fix + " (until the next reboot)",
-                        tuple(name for name, _ in p.wired_limit_commands()))]
+                        tuple(name for name, _ in p.wired_limit_commands))]
     return [Finding(PROBLEM, "memory", f"{label} does not fit these nodes' usable memory",
                     " ".join(p.advice))]
 
