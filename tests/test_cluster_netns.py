@@ -8,10 +8,8 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -66,6 +66,15 @@ def test_protocol_and_clock_warnings():
     assert w.check == "clock" and "+45 s" in w.text and w.fix.startswith("on bb:")
 
 
+def test_two_nodes_with_one_name():
+    a = seen("mini")
+    b = NodeSeen(NodeReport(DiscoveredNode(host="10.0.0.9", port=50051, node_id="other",
+                                           name="mini", addresses=("10.0.0.9",)), INFO),
+                 0.0, None, None, False)
+    (w,) = [f for f in network_findings(survey(a, b)) if f.check == "names"]
+    assert w.level == WARNING and "2 nodes are named mini" in w.text and "--name" in w.fix
+
+
 def test_skew_is_read_from_the_refusal():
     text = ("node x refused the request: cluster secret proof expired: the clocks of the two "
             "Macs differ by 600 s (at most 120 s allowed)")
@@ -114,3 +123,16 @@ def test_doctor_with_a_model_on_local_daemons(three_nodes):
     assert disk and all(f["level"] == "ok" and "has the disk" in f["text"] for f in disk)
     assert report["plan"]["verdict"] == "fits" and report["plan"]["stages"]
     assert report["links_file"] is None
+
+
+def test_links_leave_out_pairs_whose_names_repeat():
+    from clusterd.doctor.ring import Hop, measured_links
+    from clusterd.wire import clusterd_pb2 as pb
+
+    ok = pb.ProbeReply(reachable=True, rtt_p50_ms=0.4, rtt_p99_ms=0.9, throughput_mbps=900)
+    bulk = pb.ProbeReply(reachable=True, rtt_p50_ms=4.0, throughput_mbps=9000)
+    down = pb.ProbeReply(reachable=False, error="unreachable")
+    a, b, twin = seen("a"), seen("bb"), seen("bb")
+    links = measured_links([Hop(a, b, ok, bulk), Hop(b, twin, ok, bulk), Hop(twin, a, down),
+                            Hop(a, b, ok, None)])
+    assert [(l.src, l.dst, l.rtt_ms, l.throughput_mbps) for l in links] == [("a", "bb", 0.4, 9000)]

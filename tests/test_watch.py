@@ -1,7 +1,6 @@
 """A node re-announces itself when its usable memory moves."""
 
 import threading
-import time
 import uuid
 from dataclasses import replace
 from types import SimpleNamespace

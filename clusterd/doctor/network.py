@@ -182,8 +182,22 @@ def duplicate_findings(s: Survey) -> list[Finding]:
                     tuple(n.label for n in d.nodes)) for d in s.result.duplicates]
 
 
+def name_findings(s: Survey) -> list[Finding]:
+    """Distinct nodes with one name (two Macs left at the same host name):
+    messages and the links file cannot tell them apart."""
+    by_name: dict[str, list[NodeSeen]] = {}
+    for n in s.nodes:
+        if n.node.name and n.report.info is not None:
+            by_name.setdefault(n.node.name, []).append(n)
+    return [Finding(WARNING, "names", f"{len(group)} nodes are named {name}: "
+                    + ", ".join(n.node.address for n in group),
+                    f"give each its own name: `clusterd up --name {name}-2` on all but one",
+                    (name,)) for name, group in by_name.items() if len(group) > 1]
+
+
 def network_findings(s: Survey) -> list[Finding]:
     return (discovery_findings(s) + reach_findings(s) + secret_findings(s) + clock_findings(s)
-            + tls_findings(s) + protocol_findings(s) + duplicate_findings(s))
+            + tls_findings(s) + protocol_findings(s) + duplicate_findings(s)
+            + name_findings(s))
 
 

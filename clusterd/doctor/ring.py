@@ -125,9 +125,14 @@ def _fix(h: Hop) -> str:
 
 
 def measured_links(hops: Sequence[Hop]) -> list[MeasuredLink]:
+    """Links are keyed by node name: pairs whose names repeat cannot be told
+    apart and are left out (network_findings says to rename such nodes)."""
     out = []
+    seen: set[tuple[str, str]] = set()
     for h in hops:
-        if h.ok:
+        pair = (h.src.name, h.dst.name)
+        if h.ok and pair[0] != pair[1] and pair not in seen:
+            seen.add(pair)
             bulk = h.bulk if h.bulk is not None and h.bulk.reachable else h.rtt
             out.append(MeasuredLink(h.src.name, h.dst.name, h.rtt.rtt_p50_ms,
                                     bulk.throughput_mbps))
