@@ -68,6 +68,11 @@ def test_unknown_chip_evaluates_every_layer():
     assert prefill_policy(R1_CONFIG, 0, 20, metal(info), NO_ENV).layers_per_eval(512) == 1
 
 
+def test_a_model_the_planner_does_not_know_evaluates_every_layer():
+    p = prefill_policy({"model_type": "unknown"}, 0, 4, metal(M2_ULTRA_192), NO_ENV)
+    assert p.layers_per_eval(512) == 1 and p.layers_per_eval(1) is None
+
+
 def test_cpu_backend_does_nothing_unless_forced():
     cpu = Backend(False, {})
     assert prefill_policy(R1_CONFIG, 0, 20, cpu, NO_ENV).layers_per_eval(2048) is None

@@ -112,6 +112,14 @@ def test_linux_does_nothing(synthetic):
     assert ran == []
 
 
+def test_a_model_the_planner_does_not_know_wires_its_weights():
+    metal = FakeMetal(M2_ULTRA_192)
+    stage = SimpleNamespace(bounds=StageBounds(0, 2, 2), config={"model_type": "unknown"},
+                            weight_bytes=3 * GiB)
+    assert WiredMemory(lambda fn: fn(), metal).hold(stage).limit_bytes == 3 * GiB
+    assert metal.calls == [3 * GiB]
+
+
 def test_metal_unavailable_never_touches_the_limit():
     metal = FakeMetal(M2_ULTRA_192, available=False)
     wired = WiredMemory(lambda fn: fn(), metal)

@@ -134,8 +134,12 @@ def prefill_policy(config: Mapping[str, Any], start: int, end: int,
                                  metal=False)
     chip = find_chip(backend.chip) if backend.chip else None
     memory = int(backend.device_info.get("memory_size", 0) or 0)
+    try:
+        costs = layer_costs(config, start, end)
+    except Exception:  # an architecture the planner does not model: every layer, to be safe
+        costs, chip = tuple([LayerCost(0, 0, 0, 0, 0)] * (end - start)), None
     return PrefillEvalPolicy(
-        layers=layer_costs(config, start, end), metal=backend.metal,
+        layers=costs, metal=backend.metal,
         tflops=chip.tflops if chip else None,
         bandwidth_gbs=chip.bandwidth_for(round(memory / 2**30) if memory else None) if chip else None,
         forced=forced)

@@ -128,8 +128,12 @@ class WiredMemory:
     def hold(self, stage: Any, context: int = 0, sessions: int = 0) -> Optional[WiredDecision]:
         if not self._metal.available():
             return None
-        decision = wired_decision(stage_need_bytes(stage, context, sessions),
-                                  self._metal.device_info())
+        try:
+            need = stage_need_bytes(stage, context, sessions)
+        except Exception as e:  # an architecture the planner does not model: weights alone
+            log.warning("cannot count this stage's KV cache (%s); wiring its weights", e)
+            need = int(stage.weight_bytes)
+        decision = wired_decision(need, self._metal.device_info())
         if decision is None:
             return None
         with self._lock:
