@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from clusterd.cli.cluster_options import _interfaces, discovery_options, with_errors
+from clusterd.cli.cluster_options import discovery_options, interfaces_from_flags, with_errors
 from clusterd.home import clusterd_home
 
 
@@ -38,7 +38,7 @@ def doctor(model, quant, context, prefill_step_size, rounds, no_links_file, as_j
     if no_mdns and not peers:
         raise click.UsageError("--no-mdns needs at least one --peer HOST:PORT")
     report = run_doctor(
-        model=model, quant=quant, peers=peers, interfaces=_interfaces(interfaces),
+        model=model, quant=quant, peers=peers, interfaces=interfaces_from_flags(interfaces),
         mdns=not no_mdns, browse_timeout=browse_timeout, context=context,
         prefill_step_size=prefill_step_size, rounds=rounds,
         home=None if no_links_file else clusterd_home())
