@@ -136,3 +136,49 @@ def test_links_leave_out_pairs_whose_names_repeat():
     links = measured_links([Hop(a, b, ok, bulk), Hop(b, twin, ok, bulk), Hop(twin, a, down),
                             Hop(a, b, ok, None)])
     assert [(l.src, l.dst, l.rtt_ms, l.throughput_mbps) for l in links] == [("a", "bb", 0.4, 9000)]
+
+
+# `networksetup -listallhardwareports` on a Mac Studio (Ethernet en0, Wi-Fi en1).
+MAC_STUDIO_PORTS = """
+Hardware Port: Ethernet
+Device: en0
+Ethernet Address: 3c:a6:f6:0a:11:22
+
+Hardware Port: Wi-Fi
+Device: en1
+Ethernet Address: 3c:a6:f6:0b:33:44
+
+Hardware Port: Thunderbolt Bridge
+Device: bridge0
+Ethernet Address: N/A
+
+Hardware Port: Thunderbolt 1
+Device: en2
+Ethernet Address: 36:e0:7c:55:66:01
+
+VLAN Configurations
+===================
+"""
+
+
+def test_interface_kinds_and_a_node_reached_over_wifi():
+    from clusterd.discovery.interfaces import parse_hardware_ports
+    from clusterd.doctor.survey import interface_for
+
+    kinds = parse_hardware_ports(MAC_STUDIO_PORTS)
+    assert kinds == {"en0": "Ethernet", "en1": "Wi-Fi", "bridge0": "Thunderbolt Bridge",
+                     "en2": "Thunderbolt 1"}
+    interfaces = (("en0", "192.168.1.20", 24), ("en1", "192.168.8.31", 24),
+                  ("bridge0", "169.254.10.2", 16))
+    assert interface_for("192.168.8.7", interfaces, kinds) == "en1 Wi-Fi (192.168.8.31)"
+    assert interface_for("169.254.3.3", interfaces, kinds) == "bridge0 Thunderbolt Bridge (169.254.10.2)"
+    wifi = NodeSeen(seen("studio-2").report, 0.0, "192.168.8.31", "en1 Wi-Fi (192.168.8.31)")
+    wired = NodeSeen(seen("studio-3").report, 0.0, "169.254.10.2",
+                     "bridge0 Thunderbolt Bridge (169.254.10.2)")
+    s = Survey(DiscoveryResult((wifi.report, wired.report), ()), (wifi, wired), True, (),
+               interfaces, False, "abcd1234", kinds=kinds)
+    warnings = [f for f in network_findings(s) if f.check == "interfaces" and f.level == WARNING]
+    assert [f.nodes for f in warnings] == [("studio-2",)]
+    assert "over en1 Wi-Fi" in warnings[0].text and "Thunderbolt Bridge" in warnings[0].fix
+    (several,) = [f for f in network_findings(s) if f.level == "info" and f.check == "interfaces"]
+    assert "studio-3 over bridge0 Thunderbolt Bridge" in several.text

@@ -60,6 +60,13 @@ def discovery_findings(s: Survey) -> list[Finding]:
                               for a in n.node.addresses)
             out.append(Finding(INFO, "discovery", f"mDNS shows {n.name} at {where}", "",
                                (n.name,)))
+    for n in s.nodes:
+        if n.local_interface and " Wi-Fi " in f" {n.local_interface} ":
+            out.append(Finding(
+                WARNING, "interfaces", f"this Mac reaches {n.label} over {n.local_interface}: "
+                "access points often drop multicast, and every hop waits on the radio",
+                "join the Macs by Ethernet or Thunderbolt Bridge, then start `clusterd up "
+                "--interface <that interface>` on each", (n.name,)))
     ours = [f"{name} {addr}" for name, addr, _ in s.interfaces if not addr.startswith("127.")]
     if len(ours) > 1:
         reached = "; ".join(f"{n.name} over {n.local_interface}" for n in s.nodes

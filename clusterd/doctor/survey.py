@@ -8,11 +8,11 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 from clusterd.discovery import DiscoveryResult, NodeReport, discover
-from clusterd.discovery.interfaces import local_ipv4
+from clusterd.discovery.interfaces import interface_kinds, local_ipv4
 from clusterd.node.probe import local_address_to, serves_tls
 from clusterd.security import REPLAY_WINDOW_S, ClientSecurity, fingerprint
 from clusterd.wire import PROTOCOL_VERSION
@@ -51,20 +51,23 @@ class Survey:
     client_tls: bool
     secret_fingerprint: Optional[str]
     window_s: float = REPLAY_WINDOW_S
+    kinds: Mapping[str, str] = field(default_factory=dict)  # en1 -> Wi-Fi (macOS)
 
     def interface_of(self, address: str) -> Optional[str]:
-        return interface_for(address, self.interfaces)
+        return interface_for(address, self.interfaces, self.kinds)
 
 
-def interface_for(address: str, interfaces: Sequence[tuple[str, str, int]]) -> Optional[str]:
-    """The local interface whose subnet holds `address` ("en0 (192.168.1.20)")."""
+def interface_for(address: str, interfaces: Sequence[tuple[str, str, int]],
+                  kinds: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The local interface whose subnet holds `address`: "en1 Wi-Fi (192.168.1.20)"."""
     try:
         ip = ipaddress.IPv4Address(address)
     except ValueError:
         return None
     for name, addr, prefix in interfaces:
         if addr == address or ip in ipaddress.IPv4Network(f"{addr}/{prefix}", strict=False):
-            return f"{name} ({addr})"
+            kind = f" {kinds[name]}" if kinds and name in kinds else ""
+            return f"{name}{kind} ({addr})"
     return None
 
 
@@ -100,6 +103,7 @@ def survey(*, peers: Sequence[str] = (), interfaces: Optional[Sequence[str]] = N
     result = discover(prober, timeout=browse_timeout, interfaces=interfaces, peers=peers,
                       mdns=mdns, default_port=DEFAULT_PORT, protocol_version=PROTOCOL_VERSION)
     local = tuple(local_ipv4())
+    kinds = interface_kinds()
 
     def look(r: NodeReport) -> NodeSeen:
         host, port = r.node.host, r.node.port
@@ -108,7 +112,7 @@ def survey(*, peers: Sequence[str] = (), interfaces: Optional[Sequence[str]] = N
         except OSError:
             mine = None
         return NodeSeen(r, prober.offsets.get(r.node.address), mine,
-                        interface_for(mine, local) if mine else None,
+                        interface_for(mine, local, kinds) if mine else None,
                         serves_tls(host, port) if mine else None)
 
     from concurrent.futures import ThreadPoolExecutor
@@ -116,4 +120,4 @@ def survey(*, peers: Sequence[str] = (), interfaces: Optional[Sequence[str]] = N
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(result.reports)))) as pool:
         seen = tuple(pool.map(look, result.reports))
     return Survey(result, seen, mdns, tuple(peers), local, security.tls.client_enabled,
-                  fingerprint(security.secret) if security.secret else None)
+                  fingerprint(security.secret) if security.secret else None, kinds=kinds)
