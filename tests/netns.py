@@ -14,10 +14,13 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
+CLUSTERD = [sys.executable, "-m", "clusterd"]
 PREFIX = "cdt"  # every namespace a lab makes is named cdt<pid>x<random>-...
 SUBNET = "10.77.0"
 
@@ -149,3 +152,27 @@ class Lab:
 
     def namespaces(self) -> list[str]:
         return list(self._namespaces)
+
+
+class LabNode:
+    """`clusterd up` inside a lab host, on port 50051, with its own folder."""
+
+    def __init__(self, lab, host, home: Path, name: str, env: dict, extra=()):
+        self.host, self.home, self.name = host, home, name
+        self.log_path = home.parent / f"{name}.log"
+        cmd = [*CLUSTERD, "up", "--port", "50051", "--name", name, *extra]
+        self.log_file = open(self.log_path, "w")
+        self.proc = lab.popen(host, cmd, stdout=subprocess.PIPE, stderr=self.log_file, text=True,
+                              env={**os.environ, "CLUSTERD_HOME": str(home), **env})
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, f"{name} did not start:\n{self.log()}"
+        self.address = f"{host.address}:50051"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+        self.log_file.close()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,11 +70,12 @@ def test_predict_lists_layouts_links_and_published_results(tmp_path):
     assert "5.37" in stdout and "exo v0" in stdout  # the published figures are printed
 
 
-def test_hop_report_puts_tcp_next_to_the_rpc(tmp_path):
+@pytest.mark.parametrize("dtype, width", [("float32", 4), ("bfloat16", 2)])
+def test_hop_report_puts_tcp_next_to_the_rpc(tmp_path, dtype, width):
     from clusterd.bench.hop import measure_hop
 
-    hop = measure_hop(tmp_path, rounds=1, count=5, decode_tokens=4, pace_s=0.001)
-    assert hop["payload_bytes"] == 7168 * 4
+    hop = measure_hop(tmp_path, rounds=1, count=5, decode_tokens=4, pace_s=0.001, dtype=dtype)
+    assert hop["payload_bytes"] == 7168 * width and hop["dtype"] == dtype
     for key in ("tcp_round_trip", "pipeline_hop"):
         assert hop[key]["n"] > 0 and hop[key]["p50_ms"] == hop[key]["p50_ms"]  # not nan
     assert hop["pipeline_hop_over_tcp_p50"] is not None

@@ -8,14 +8,12 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from netns import Lab, skip_reason
+from netns import CLUSTERD, Lab, LabNode, skip_reason
 from reference import mlx_lm_greedy
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
@@ -23,32 +21,9 @@ _reason = skip_reason()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
-CLUSTERD = [sys.executable, "-m", "clusterd"]
 SECRET = "netns-" + secrets.token_hex(20)
 GIB = 2**30
 LIMITS = {0: 3 * GIB, 1: 4 * GIB, 2: 5 * GIB}
-
-
-class LabNode:
-    def __init__(self, lab, host, home: Path, name: str, env: dict, extra=()):
-        self.host, self.home, self.name = host, home, name
-        self.log_path = home.parent / f"{name}.log"
-        cmd = [*CLUSTERD, "up", "--port", "50051", "--name", name, *extra]
-        self.log_file = open(self.log_path, "w")
-        self.proc = lab.popen(host, cmd, stdout=subprocess.PIPE, stderr=self.log_file, text=True,
-                              env={**os.environ, "CLUSTERD_HOME": str(home), **env})
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, f"{name} did not start:\n{self.log()}"
-        self.address = f"{host.address}:50051"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(15)
-        self.log_file.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from clusterd.bench.layouts import ClusterdLayout, LayoutSpec
 from clusterd.bench.stats import latency_summary
 from clusterd.bench.transports import TransportPeer
 from clusterd.local_cluster import LocalCluster
+from clusterd.wire.tensors import to_wire
 
 Progress = Callable[[str], None]
 
@@ -76,16 +77,17 @@ def _prompt(n: int, vocab: int) -> list[int]:
 
 
 def measure_hop(workdir: Path, *, rounds: int = 5, count: int = 200, pace_s: float = 0.002,
-                decode_tokens: int = 64, hidden: int = R1_HIDDEN,
+                decode_tokens: int = 64, hidden: int = R1_HIDDEN, dtype: str = "float32",
                 progress: Progress = lambda text: None) -> dict:
-    """The hop report: TCP vs Forward vs in-pipeline hop, interleaved in rounds."""
+    """The hop report: TCP vs the in-pipeline hop (and plain gRPC), interleaved in rounds.
+    dtype "bfloat16" is what a real R1 hop carries (2 bytes a value)."""
     import mlx.core as mx
 
-    progress("building the hop model")
-    model = build_hop_model(hidden)
-    h = mx.random.normal((1, 1, hidden), key=mx.random.key(0)).astype(mx.float32)
+    progress(f"building the hop model ({dtype})")
+    model = build_hop_model(hidden, dtype=dtype)
+    h = mx.random.normal((1, 1, hidden), key=mx.random.key(0)).astype(getattr(mx, dtype))
     mx.eval(h)
-    payload = bytes(memoryview(h))
+    payload = to_wire(h).data  # the bytes a hop carries, bf16 as its 2-byte pattern
     tcp_s: list[float] = []
     raw: dict[str, list[float]] = {k: [] for k in TRANSPORTS}
     one: list[float] = []  # per-token intervals, all layers on one daemon
@@ -116,6 +118,7 @@ def measure_hop(workdir: Path, *, rounds: int = 5, count: int = 200, pace_s: flo
             single.close()
             ring.close()
     report = hop_report(len(payload), tcp_s, one, three, hops=3, hidden=hidden)
+    report["dtype"] = dtype
     report["plain_transports"] = {k: latency_summary(v) for k, v in raw.items()}
     report["notes"].append(
         "plain_transports: the same bytes between two plain Python processes (no clusterd "

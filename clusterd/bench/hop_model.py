@@ -42,11 +42,13 @@ def hop_config(hidden: int = R1_HIDDEN) -> dict:
     return config
 
 
-def build_hop_model(hidden: int = R1_HIDDEN, root: Optional[Path] = None) -> Path:
-    """Build (or reuse) the hop model; float32 like every synthetic CPU model."""
+def build_hop_model(hidden: int = R1_HIDDEN, root: Optional[Path] = None,
+                    dtype: str = "float32") -> Path:
+    """Build (or reuse) the hop model: float32 like every synthetic CPU model,
+    or bfloat16 as real checkpoints (the hop then carries 2 bytes a value)."""
     from clusterd.models.synthetic import default_root
 
-    config = hop_config(hidden)
+    config = {**hop_config(hidden), "torch_dtype": dtype}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(root) if root is not None else default_root()
     final = root / f"hop-deepseek_v3-h{hidden}-{digest}"
@@ -79,6 +81,7 @@ def _write(path: Path, config: dict) -> None:
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
     init_weights(model, 0, config)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v.astype(getattr(mx, config["torch_dtype"]))
+               for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     save_config(config, path / "config.json")

@@ -62,7 +62,8 @@ def print_table(result: dict, console: Console) -> None:
 
 
 def print_hop(hop: dict, console: Console) -> None:
-    t = Table(title=f"one decode hop: {hop['hidden']} float32 values ({hop['payload_bytes']} bytes), "
+    t = Table(title=f"one decode hop: {hop['hidden']} {hop.get('dtype', 'float32')} values "
+                    f"({hop['payload_bytes']} bytes), "
                     "same run, loopback")
     for col in ("what", "p50 ms", "p99 ms", "p50 vs TCP"):
         t.add_column(col, justify="left" if col == "what" else "right")

@@ -52,6 +52,9 @@ def _command() -> str:
                    "core while it runs) instead of starting its ranks directly.")
 @click.option("--no-hop", is_flag=True, help="Skip the one-hop measurement against plain TCP.")
 @click.option("--hop-only", is_flag=True, help="Only the one-hop measurement.")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16"]),
+              help="Hidden-state dtype of the hop (bfloat16: what a real R1 hop carries).")
 @click.option("--predict", is_flag=True,
               help="Print the planner's predictions for real Mac layouts next to published "
                    "results; measures nothing.")
@@ -59,7 +62,7 @@ def _command() -> str:
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="File name stem of the results [default: bench-MODEL-DATE].")
 def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill_step_size,
-          repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only,
+          repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only, dtype,
           predict, out_dir, name):
     """Tokens/sec per cluster layout, against mlx-lm in the same run.
 
@@ -80,8 +83,10 @@ def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill
             raise click.ClickException(f"--predict needs the shard planner: {e}") from None
         return
     if hop_only:
-        _hop_only(console, out_dir, name)
+        _hop_only(console, out_dir, name, dtype)
         return
+    if dtype != "float32":
+        raise click.UsageError("--dtype applies to --hop-only (layouts use the model's own dtype)")
     from clusterd.bench.layouts import parse_nodes
     from clusterd.bench.report import print_table, write_all
     from clusterd.bench.runner import BenchConfig, default_name, run_bench
@@ -104,7 +109,7 @@ def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill
         console.print(f"wrote {p}")
 
 
-def _hop_only(console: Console, out_dir: Path, name) -> None:
+def _hop_only(console: Console, out_dir: Path, name, dtype: str) -> None:
     import tempfile
 
     from clusterd.bench.report import print_hop, write_json
@@ -114,13 +119,13 @@ def _hop_only(console: Console, out_dir: Path, name) -> None:
     load = load_average()
     code = code_version()
     with console.status("hop") as status:
-        hop = measure_hop(Path(tempfile.mkdtemp(prefix="clusterd-hop-")),
+        hop = measure_hop(Path(tempfile.mkdtemp(prefix="clusterd-hop-")), dtype=dtype,
                           progress=lambda t: status.update(f"hop: {t}"))
     print_hop(hop, console)
     result = {"command": _command(), "date": now_iso(), "machine": machine(), "code": code,
               "code_after": code_version(), "load_average_before": load,
               "load_average_after": load_average(), "hop": hop}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name or 'hop'}.json"
+    path = out_dir / f"{name or ('hop' if dtype == 'float32' else 'hop-' + dtype)}.json"
     write_json(result, path)
     console.print(f"wrote {path}")

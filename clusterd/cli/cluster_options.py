@@ -20,7 +20,7 @@ from clusterd.wire import PROTOCOL_VERSION
 DEFAULT_PORT = 50051
 
 
-def _interfaces(values: Sequence[str]) -> Optional[list[str]]:
+def interfaces_from_flags(values: Sequence[str]) -> Optional[list[str]]:
     try:
         return resolve_interfaces(values)
     except InterfaceError as e:
@@ -84,7 +84,8 @@ def node_settings(host: str, *, interfaces: Sequence[str], no_mdns: bool, tls_ce
     if (tls.cert is None) != (tls.key is None):
         raise click.UsageError("TLS needs both --tls-cert and --tls-key")
     # Listening on one address means advertising only there, too.
-    chosen = _interfaces(interfaces) or ([_specific_host(host)] if _specific_host(host) else None)
+    specific = _specific_host(host)
+    chosen = interfaces_from_flags(interfaces) or ([specific] if specific else None)
     return {"node_id": ident.node_id, "secret": secret, "mdns": not no_mdns,
             "interfaces": tuple(chosen) if chosen else None, "tls": tls}
 
@@ -128,7 +129,7 @@ def find_nodes(*, interfaces: Sequence[str], peers: Sequence[str], no_mdns: bool
         raise click.UsageError("--no-mdns needs at least one --peer HOST:PORT")
     try:
         return discover(
-            probe_node, timeout=browse_timeout, interfaces=_interfaces(interfaces),
+            probe_node, timeout=browse_timeout, interfaces=interfaces_from_flags(interfaces),
             peers=peers, mdns=not no_mdns, default_port=DEFAULT_PORT,
             protocol_version=PROTOCOL_VERSION, expect=expect)
     except PeerError as e:

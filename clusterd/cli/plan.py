@@ -16,6 +16,7 @@ import click
 from clusterd.cli.cluster_options import discovery_options, find_nodes, probe_node, with_errors
 from clusterd.cli.plan_output import print_multi, print_plan
 from clusterd.coordinator.placement import node_spec_from_info
+from clusterd.discovery import distinct_nodes, node_from_info, parse_peer
 from shard_planner.costs import DEFAULT_LINK, LINKS
 from shard_planner.hardware import (DEFAULT_WIRED_FRACTION, NodeSpec, parse_node_arg)
 from shard_planner.links import load_links
@@ -77,13 +78,16 @@ def _live_nodes(peers: Sequence[str], interfaces: Sequence[str], no_mdns: bool,
     from clusterd.coordinator.peers import PeerError
 
     if peers:  # in the order given: that is the ring order
-        out = []
+        infos = []
         for address in peers:
             try:
-                out.append(node_spec_from_info(probe_node(address), address))
+                infos.append(probe_node(address))
             except PeerError as e:
                 raise click.ClickException(str(e)) from None
-        return out
+        problem = distinct_nodes([node_from_info(i, *parse_peer(a)) for a, i in zip(peers, infos)])
+        if problem:  # the rule of every command (clusterd.discovery.distinct_nodes)
+            raise click.ClickException(problem)
+        return [node_spec_from_info(i, a) for a, i in zip(peers, infos)]
     result = find_nodes(interfaces=interfaces, peers=(), no_mdns=no_mdns,
                         browse_timeout=browse_timeout)
     for line in result.problems():

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from clusterd.coordinator.peers import PeerError, PeerHandle
+from clusterd.discovery import distinct_nodes, node_from_info, parse_peer
 from clusterd.coordinator.pipeline import LoadedStage
 from clusterd.coordinator.placement import (  # noqa: F401  (the split lives there)
     SplitError, parse_split, plan_ranges, ranges_from_counts)
@@ -26,8 +27,19 @@ def connect(addresses: Sequence[str], interceptors=()) -> list[Node]:
     if len(set(addresses)) != len(addresses):
         raise PeerError("", f"a node is listed twice: {list(addresses)}")
     peers = [PeerHandle(a, interceptors) for a in addresses]
-    with ThreadPoolExecutor(len(peers)) as pool:
-        infos = list(pool.map(lambda p: p.info(), peers))
+    try:
+        with ThreadPoolExecutor(len(peers)) as pool:
+            infos = list(pool.map(lambda p: p.info(), peers))
+        # The rule every command follows: two processes with one node id are
+        # used by none; one process given under two addresses is one node.
+        problem = distinct_nodes([node_from_info(i, *parse_peer(p.address))
+                                  for p, i in zip(peers, infos)])
+        if problem:
+            raise PeerError("", problem)
+    except BaseException:
+        for p in peers:
+            p.close()
+        raise
     return [Node(p, i) for p, i in zip(peers, infos)]
 
 

@@ -69,7 +69,8 @@ def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOpti
     Returns (folder on this machine with config and tokenizer, repository id
     for LoadShard or "" for a folder every node reads, layer ranges)."""
     plan_args = dict(context=opts.context, sessions=opts.sessions,
-                     prefill_step_size=opts.prefill_step_size, on_note=say)
+                     prefill_step_size=opts.prefill_step_size,
+                     prompt_cache_tokens=opts.cache_tokens, on_note=say)
     if source.ref is None:  # a folder every node reads as is
         return source.local_dir, "", plan_ranges(source.local_dir, nodes, split, **plan_args)
     if opts.show:

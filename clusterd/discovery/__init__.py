@@ -11,6 +11,7 @@ from .discover import (
     PeerError,
     Probe,
     discover,
+    distinct_nodes,
     find_duplicates,
     parse_peer,
 )
@@ -19,7 +20,7 @@ from .records import SERVICE_TYPE, TXT_KEYS, DiscoveredNode, node_from_info, txt
 
 __all__ = [
     "Advertiser", "HealthCheck", "NodeBrowser", "browse", "DiscoveryResult", "DuplicateId",
-    "NodeReport", "PeerError", "Probe", "discover", "find_duplicates", "parse_peer",
+    "NodeReport", "PeerError", "Probe", "discover", "distinct_nodes", "find_duplicates", "parse_peer",
     "InterfaceError", "resolve_interfaces", "SERVICE_TYPE", "TXT_KEYS", "DiscoveredNode",
     "node_from_info", "txt_from_info",
 ]

@@ -70,13 +70,12 @@ class DuplicateId:
     nodes: tuple[DiscoveredNode, ...]
 
     def message(self) -> str:
+        """The one message every command gives for them."""
         where = ", ".join(n.label for n in self.nodes)
         return (
-            f"{len(self.nodes)} nodes claim the same node id {self.node_id}: {where}. "
-            "Their clusterd folder was copied (or the machine cloned); run "
-            "`clusterd up --new-id` on all but one of them. They are not used until then."
-            + (" (Or one node was given twice under different addresses.)"
-               if any(n.source == "peer" for n in self.nodes) else "")
+            f"{len(self.nodes)} different processes claim the same node id {self.node_id}: "
+            f"{where}. Their clusterd folder was copied (or the machine cloned); run "
+            "`clusterd up --new-id` on all but one of them. No command uses them until then."
         )
 
 
@@ -98,9 +97,10 @@ class DiscoveryResult:
 
 
 def find_duplicates(nodes: Iterable[DiscoveredNode]) -> tuple[DuplicateId, ...]:
-    """Groups of distinct nodes that share one id. Distinct means different
-    mDNS instances or boot tokens, or different endpoints for peers; one node
-    advertising several addresses is one node."""
+    """Groups of distinct processes that share one node id (the rule every
+    command follows: see `distinct_nodes`). One process is known by its boot
+    id; where a node did not say it (an mDNS record never verified, an older
+    node), one endpoint is one process."""
     groups: dict[str, list[DiscoveredNode]] = {}
     for node in nodes:
         if node.node_id:
@@ -121,11 +121,67 @@ def _endpoints(n: DiscoveredNode) -> set[str]:
 
 
 def _same_node(a: DiscoveredNode, b: DiscoveredNode) -> bool:
+    if a.boot and b.boot:
+        return a.boot == b.boot  # each process says who it is
     if a.instance and a.instance == b.instance and a.boot == b.boot:
         return True
     # One endpoint is one process: a peer entry and a record listing its
     # address, or a restarted node and its old record still in some cache.
     return bool(_endpoints(a) & _endpoints(b))
+
+
+def same_process_twice(nodes: Sequence[DiscoveredNode]) -> list[tuple[DiscoveredNode, DiscoveredNode]]:
+    """Pairs (first, again) of entries that are one process reached under two
+    addresses (same node id and boot id)."""
+    seen: dict[tuple[str, str], DiscoveredNode] = {}
+    out = []
+    for n in nodes:
+        if not (n.node_id and n.boot):
+            continue
+        first = seen.setdefault((n.node_id, n.boot), n)
+        if first is not n and first.address != n.address:
+            out.append((first, n))
+    return out
+
+
+def distinct_nodes(nodes: Sequence[DiscoveredNode]) -> Optional[str]:
+    """Why a list of nodes given for a ring (`--peer`, in order) is not one
+    entry per node, or None. Two processes with one node id: the duplicate
+    message, and neither is used; one process under two addresses: give it once."""
+    dups = find_duplicates(nodes)
+    if dups:
+        return " ".join(d.message() for d in dups)
+    twice = same_process_twice(nodes)
+    if twice:
+        first, again = twice[0]
+        return (f"{first.address} and {again.address} are the same node "
+                f"({first.name or first.node_id}, one process reached under two addresses): "
+                "give it once")
+    return None
+
+
+def _merge_same_process(reports: list[NodeReport]) -> tuple[list[NodeReport], list[str]]:
+    """One process reached under several addresses is one node: keep its
+    first report, with every address it answered at."""
+    kept: dict[tuple[str, str], int] = {}
+    out: list[NodeReport] = []
+    notes: list[str] = []
+    for r in reports:
+        key = (r.node.node_id, r.node.boot)
+        if r.info is None or not all(key):
+            out.append(r)
+            continue
+        if key not in kept:
+            kept[key] = len(out)
+            out.append(r)
+            continue
+        first = out[kept[key]]
+        addresses = tuple(dict.fromkeys(first.node.addresses + r.node.addresses
+                                        + (r.node.host,)))
+        out[kept[key]] = replace(first, node=replace(first.node, addresses=addresses))
+        notes.append(f"node {first.node.label} also answers at {r.node.address} "
+                     "(the same process): counted once")
+    return out, notes
 
 
 def _status_of(exc: Exception) -> str:
@@ -213,6 +269,8 @@ def discover(
         found.append(DiscoveredNode(host=ip, port=port, addresses=(ip,), source="peer", name=""))
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(found)))) as pool:
         reports = list(pool.map(lambda n: _verify(n, probe, protocol_version), found))
+    reports, merged = _merge_same_process(reports)
+    notes += merged
     duplicates = find_duplicates(r.node for r in reports)
     dup_addresses = {n.address for d in duplicates for n in d.nodes}
     reports = [

@@ -9,6 +9,8 @@ keeps each node to one answer per interface.
 from __future__ import annotations
 
 import ipaddress
+import platform
+import subprocess
 from typing import Iterable, Optional, Sequence
 
 import ifaddr
@@ -76,3 +78,31 @@ def rank_addresses(addresses: Sequence[str], interfaces: Optional[Sequence[str]]
         return any(ip in n for n in nets if ip.version == 4)
 
     return tuple(sorted(addresses, key=lambda a: not reachable(a)))
+
+
+def parse_hardware_ports(text: str) -> dict[str, str]:
+    """`networksetup -listallhardwareports` -> {device: port name}, e.g.
+    {"en0": "Ethernet", "en1": "Wi-Fi", "bridge0": "Thunderbolt Bridge"}."""
+    kinds: dict[str, str] = {}
+    port = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Hardware Port":
+            port = value.strip()
+        elif key.strip() == "Device" and port:
+            kinds[value.strip()] = port
+            port = None
+    return kinds
+
+
+def interface_kinds() -> dict[str, str]:
+    """What each interface is (Wi-Fi, Ethernet, Thunderbolt Bridge) on a Mac;
+    empty elsewhere or when networksetup does not answer."""
+    if platform.system() != "Darwin":
+        return {}
+    try:
+        out = subprocess.run(["networksetup", "-listallhardwareports"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return parse_hardware_ports(out.stdout) if out.returncode == 0 else {}

@@ -192,5 +192,6 @@ def node_from_info(info: Any, host: str, port: int, *, base: Optional[Discovered
         tls=base.tls,
         source=base.source,
         instance=base.instance,
-        boot=base.boot,
+        # The live process's own boot id, when the node says it (older nodes do not).
+        boot=str(_get(info, "boot_id", "") or "") or base.boot,
     )

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from clusterd.models.files import FileCheckError, check_safetensors, is_inside_name, tensor_wanted
+from clusterd.models.watchdog import prefill_policy
 
 # The only per-architecture fact a stage needs: DeepSeek's MLA attention takes
 # its causal mask as an array (it adds rope scores to it), the others accept
@@ -59,6 +60,7 @@ class StageModel:
         self.vocab_size = int(config["vocab_size"])
         self._mask_as_array = MASK_AS_ARRAY[self.model_type]
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        self.prefill_evals = prefill_policy(config, bounds.start, bounds.end)
 
     @property
     def activation_dtype(self) -> mx.Dtype:
@@ -77,10 +79,17 @@ class StageModel:
         chunk in pieces, and to stop between them)."""
         h = self.model.model.embed_tokens(x) if self.bounds.first else x
         mask = create_attention_mask(h, cache[0], return_array=self._mask_as_array)
-        for layer, c in zip(self.layers, cache):
+        # A prompt chunk is evaluated in pieces: by the caller's after_layer
+        # (the executor: every layer, and a stop between them), else as the
+        # Metal watchdog policy says (models/watchdog.py). Decode is one graph.
+        k = (self.prefill_evals.layers_per_eval(h.shape[1], cache[0].offset)
+             if after_layer is None and h.shape[1] > 1 else 0)
+        for i, (layer, c) in enumerate(zip(self.layers, cache), 1):
             h = layer(h, mask, cache=c)
             if after_layer is not None:
                 after_layer(h)
+            elif k and i % k == 0 and i < len(self.layers):
+                mx.eval(h)  # Metal kills a command buffer that runs too long
         return h
 
     def logits(self, h: mx.array, last_only: bool = True) -> mx.array:

@@ -1,7 +1,9 @@
 """Seeded random-weight models of real architectures, saved like mlx-community repos.
 
 The model is mlx-lm's own class (DeepSeek-V3/R1, Qwen2, Llama) with seeded random float32
-weights, quantized with mlx-lm's `quantize_model` (affine, group 64, 4 bits by default) and
+weights (or, with dtype="bfloat16", cast to bf16 as mlx_lm.convert casts R1: every float
+tensor but the router's float32 correction bias), quantized with mlx-lm's `quantize_model`
+(affine, group 64, 4 bits by default; scales and biases then in the model's dtype) and
 written as `config.json` (with `quantization`), several `model-0000i-of-0000N.safetensors`
 shards + `model.safetensors.index.json`, and R1 tokenizer files. Builds are cached on disk
 and published by an atomic rename, so a killed build never leaves a usable-looking half.
@@ -194,14 +196,20 @@ PRESETS: Mapping[str, Mapping[str, Mapping[str, object]]] = MappingProxyType(
 )
 
 
-def synthetic_config(arch: str, preset: str, *, num_layers: int | None = None) -> dict:
+DTYPES = ("float32", "bfloat16")
+
+
+def synthetic_config(arch: str, preset: str, *, num_layers: int | None = None,
+                     dtype: str = "float32") -> dict:
     """The unquantized Hugging Face style config of a synthetic model."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if preset not in PRESETS or arch not in PRESETS[preset]:
         raise ValueError(f"unknown preset {preset!r} for {arch}; choose from {sorted(PRESETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {list(DTYPES)}")
     spec = ARCHS[arch]
-    config = _thaw({**spec.base_config, **PRESETS[preset][arch]})
+    config = _thaw({**spec.base_config, **PRESETS[preset][arch], "torch_dtype": dtype})
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
@@ -226,6 +234,7 @@ def default_root() -> Path:
 
 
 def _cache_name(config, arch, preset, seed, num_layers, shard_bytes, bits, group_size) -> str:
+    # The dtype is in the config (torch_dtype), hence in the key; bf16 builds say so by name.
     from .synthetic_tokenizer import CORPUS
 
     # The full config and the corpus are in the key too, so editing a preset or the
@@ -237,7 +246,8 @@ def _cache_name(config, arch, preset, seed, num_layers, shard_bytes, bits, group
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     layers = f"-L{num_layers}" if num_layers is not None else ""
-    return f"{arch}-{preset}{layers}-s{seed}-q{bits}g{group_size}-{digest}"
+    dtype = "-bf16" if config["torch_dtype"] == "bfloat16" else ""
+    return f"{arch}-{preset}{layers}{dtype}-s{seed}-q{bits}g{group_size}-{digest}"
 
 
 def build_synthetic_model(
@@ -250,10 +260,13 @@ def build_synthetic_model(
     shard_bytes: int | None = None,
     bits: int = 4,
     group_size: int = 64,
+    dtype: str = "float32",
     progress: Progress | None = None,
 ) -> Path:
-    """Build (or find in the cache) a synthetic model directory and return its path."""
-    config = synthetic_config(arch, preset, num_layers=num_layers)
+    """Build (or find in the cache) a synthetic model directory and return its path.
+    dtype "bfloat16" gives mlx-community's layout (bf16 norms, scales and biases);
+    the CPU backend's quantized matmul is about 10x slower with bf16 activations."""
+    config = synthetic_config(arch, preset, num_layers=num_layers, dtype=dtype)
     if shard_bytes is not None and shard_bytes <= 0:
         raise ValueError("shard_bytes must be positive")
     root = Path(root) if root is not None else default_root()
@@ -327,6 +340,7 @@ def _write_model(path, config, seed, shard_bytes, bits, group_size, progress) ->
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
     init_weights(model, seed, config)
+    _cast(model, config["torch_dtype"])
     # quantize_model prints a bits-per-weight line on stdout; keep stdout clean for CLIs.
     with contextlib.redirect_stdout(io.StringIO()):
         model, config = quantize_model(model, config, group_size, bits, mode="affine")
@@ -339,6 +353,20 @@ def _write_model(path, config, seed, shard_bytes, bits, group_size, progress) ->
     write_tokenizer_files(
         path, config["vocab_size"], min(16384, config["max_position_embeddings"])
     )
+
+
+def _cast(model, dtype_name: str) -> None:
+    """Cast as mlx_lm.convert does for a config's torch_dtype: every floating
+    parameter the model's cast_predicate allows (DeepSeek keeps its router's
+    correction bias in float32)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    dtype = getattr(mx, dtype_name)
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    model.update(tree_map_with_path(
+        lambda k, v: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+        model.parameters()))
 
 
 def _layer_of(name: str) -> int | None:

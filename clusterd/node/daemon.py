@@ -17,10 +17,12 @@ from clusterd.discovery import Advertiser
 from clusterd.home import clusterd_home
 from clusterd.models.store import ModelStore
 from clusterd.node import runfile
+from clusterd.node.clock import node_clock
 from clusterd.node.executor import Executor
 from clusterd.node.guard import CallGuard, Limits
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
+from clusterd.node.watch import ResourceWatch
 from clusterd.node.sources import NodeFiles
 from clusterd.proofs import AuthServerInterceptor, NodeIdentity, new_boot_id
 from clusterd.security import ClientSecurity, TlsFiles, load_secret, server_credentials
@@ -99,10 +101,12 @@ class Daemon:
         identity = NodeIdentity(config.node_id or uuid.uuid4().hex, new_boot_id())
         self.boot_id = identity.boot_id
         limits = config.limits
+        clock = node_clock()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="rpc"),
             options=server_options(),
-            interceptors=[AuthServerInterceptor(secret, identity, node_label=repr(self.name)),
+            interceptors=[AuthServerInterceptor(secret, identity, node_label=repr(self.name),
+                                                clock=clock),
                           CallGuard(repr(self.name), limits)],
             maximum_concurrent_rpcs=limits.max_workers,
         )
@@ -119,6 +123,7 @@ class Daemon:
             on_change=self._announce_change,
             # Weight transfers to other nodes use the same secret-bearing channels.
             files=NodeFiles(self.name, ModelStore(), clusterd_home() / "hashes", self.hops))
+        self.service.probe_via(self.hops, tls=config.tls.client_enabled, clock=clock)
         self.advertiser: Optional[Advertiser] = None
         # mDNS work (registration ~2 s, re-announcements) runs on one thread,
         # in order, off the RPC threads: a LoadShard reply never waits on it.
@@ -149,6 +154,8 @@ class Daemon:
     def start(self) -> None:
         self.server.start()
         self._thread(self._sweep_sessions, "sweeper")
+        ResourceWatch(self.service, lambda: probe(self.config.memory_limit), self._announce_change,
+                      self.stop_requested).start()
         if self.config.mdns:
             self.advertiser = Advertiser(self.service.info(), port=self.port, boot=self.boot_id,
                                          interfaces=self.config.interfaces,
@@ -199,6 +206,7 @@ class Daemon:
             except Exception as e:
                 log.warning("mDNS unregister failed: %s", e)
         done = self.server.stop(grace=GRACE_S)
+        self.service.wired.release()
         # Bounded: a stop must not wait on a load or step that runs long.
         stopper = threading.Thread(target=self.executor.stop, name="compute-stop", daemon=True)
         stopper.start()

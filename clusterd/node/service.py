@@ -18,10 +18,12 @@ from clusterd.models.stage import StageLoadError
 from clusterd.models.stage_check import check_stage
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
+from clusterd.node.probe import ProbeRpcs
 from clusterd.node.shards import LimitError, Limits
 from clusterd.node.session_rpcs import SessionRpcs
 from clusterd.node.resources import Resources
 from clusterd.node.sources import ModelMissing, NodeFiles, Stubs
+from clusterd.node.wired import WiredMemory
 from clusterd.wire import PROTOCOL_VERSION
 from clusterd.wire import clusterd_pb2 as pb
 from clusterd.wire import clusterd_pb2_grpc as rpc
@@ -29,7 +31,7 @@ from clusterd.wire import clusterd_pb2_grpc as rpc
 log = logging.getLogger("clusterd.node")
 
 
-class NodeService(SessionRpcs, rpc.NodeServicer):
+class NodeService(SessionRpcs, ProbeRpcs, rpc.NodeServicer):
     def __init__(
         self,
         *,
@@ -44,7 +46,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         files=None,  # NodeFiles: the model store and node-to-node transfers
     ):
         self.node_id = node_id
-        self.boot_id = boot_id
+        self.boot_id = boot_id  # this process: one node reached twice is one node
         self.name = name
         self.port = port
         self.resources = resources
@@ -55,6 +57,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         if files is None:
             files = NodeFiles(name, ModelStore(), clusterd_home() / "hashes", Stubs())
         self.files = files
+        self.wired = WiredMemory(executor.call)  # Metal only: keeps the stage resident
 
     # -- identity and health --------------------------------------------------
     def state(self) -> str:
@@ -101,7 +104,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
 
     def Health(self, request, context):
         return pb.HealthReply(node_id=self.node_id, protocol_version=PROTOCOL_VERSION,
-                              state=self.state(), unix_time=time.time(), boot_id=self.boot_id)
+                              state=self.state(), unix_time=self.clock(), boot_id=self.boot_id)
 
     # -- shards ---------------------------------------------------------------
     def LoadShard(self, request, context):
@@ -132,6 +135,7 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
         if problem is not None:
             context.abort(code, bounded(f"node {self.name}: {problem}"))
         log.info("loaded %.1f MiB in %.2fs", shard.stage.weight_bytes / 2**20, shard.load_seconds)
+        self._wire()
         self._on_change()
         return pb.LoadShardReply(shard=shard.to_wire(self.executor.sessions.count(shard.name)),
                                  memory_held_bytes=shard.budget.total)
@@ -156,10 +160,20 @@ class NodeService(SessionRpcs, rpc.NodeServicer):
             log.exception("load failed")
             return None, grpc.StatusCode.INTERNAL, "the load failed unexpectedly; the node's log has why"
 
+    def _wire(self) -> None:
+        """On Metal, keep what the shards hold (weights, planned KV, prompt
+        cache) wired; nothing held, the system's limit back."""
+        held = sum(sh.budget.total - sh.budget.workspace for sh in self.executor.shards.all())
+        if held:
+            self.wired.hold_bytes(held)
+        else:
+            self.wired.release()
+
     def Unload(self, request, context):
         if self.executor.loading:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a load is in progress")
         freed = self.executor.unload(request.shard)
+        self._wire()
         self._on_change()
         return pb.UnloadReply(freed_bytes=freed)
 
