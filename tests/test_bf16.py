@@ -104,17 +104,21 @@ def test_a_bf16_stage_takes_bf16_and_refuses_float32(three_nodes, bf16_model):
     try:
         stages = load_ring(bf16_model, nodes, ranges_from_counts([2, 2, 2]))
         middle = stages[1].peer
-        middle.open_session(pb.OpenSessionRequest(session_id="bf16-hop",
+        shard = stages[1].shard
+        middle.open_session(pb.OpenSessionRequest(session_id="bf16-hop", shard=shard,
+                                                  client_id="t",
                                                   next_address=stages[2].peer.address))
         stages[2].peer.open_session(pb.OpenSessionRequest(
-            session_id="bf16-hop", next_address=stages[0].peer.address, max_tokens=1))
+            session_id="bf16-hop", shard=shard, client_id="t",
+            next_address=stages[0].peer.address, max_tokens=1))
         hidden = read_config(bf16_model)["hidden_size"]
         h = mx.zeros((1, 3, hidden), dtype=mx.bfloat16)
-        act = pb.Activation(session_id="bf16-hop", step=0, sample=False)
+        act = pb.Activation(shard=shard, rows=[pb.Row(session_id="bf16-hop")], width=3)
         to_wire(h, out=act.hidden)
         assert len(act.hidden.data) == 2 * hidden * 3
         middle.forward(act)  # accepted
-        bad = pb.Activation(session_id="bf16-hop", step=3, sample=False)
+        bad = pb.Activation(shard=shard, rows=[pb.Row(session_id="bf16-hop", position=3)],
+                            width=3)
         to_wire(h.astype(mx.float32), out=bad.hidden)
         with pytest.raises(Exception) as e:
             middle.forward(bad)

@@ -14,7 +14,8 @@ from typing import Mapping, Optional, Sequence
 from clusterd.discovery import DiscoveryResult, NodeReport, discover
 from clusterd.discovery.interfaces import interface_kinds, local_ipv4
 from clusterd.node.probe import local_address_to, serves_tls
-from clusterd.security import REPLAY_WINDOW_S, ClientSecurity, fingerprint
+from clusterd.proofs import REPLAY_WINDOW_S
+from clusterd.security import ClientSecurity, fingerprint
 from clusterd.wire import PROTOCOL_VERSION
 
 DEFAULT_PORT = 50051
