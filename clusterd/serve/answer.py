@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 from clusterd.coordinator.generation import GenerationError, GenerationRequest, GenerationStats
-from clusterd.serve.errors import ApiError, from_generation_error
+from clusterd.coordinator.peers import PeerError
+from clusterd.serve.errors import ApiError, from_generation_error, node_unreachable
 from clusterd.serve.reasoning import ReasoningParser
 from clusterd.serve.stops import StopMatcher
 
@@ -44,7 +45,6 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     error: ApiError
-    started: bool  # some text had been sent already
 
 
 Event = Union[Delta, Finished, Failed]
@@ -107,17 +107,21 @@ class Answer:
             self._tokens_seen += 1
             yield t
 
+    def _left(self) -> None:
+        log.info("%s: the client left; generation cancelled after %d tokens",
+                 self._engine.name, self._tokens_seen)
+
     def _run(self) -> None:
         job, chat = self._job, self._engine.chat
         parser = ReasoningParser(job.starts_inside) if job.split_reasoning else None
         stops = StopMatcher(job.stops)
         tokens = iter(self._generation)
         pieces = chat.stream_pieces(self._counted(tokens))
-        reasoning_tokens, seen, matched, sent = 0, 0, False, False
+        reasoning_tokens, seen, matched = 0, 0, False
         try:
             for piece in pieces:
                 if self._stop.is_set():
-                    return
+                    return self._left()
                 # One piece per token, and one more after the last token.
                 token_piece, seen = self._tokens_seen != seen, self._tokens_seen
                 was_reasoning = parser is not None and parser.in_reasoning
@@ -127,7 +131,6 @@ class Answer:
                 c, matched = stops.feed(c)
                 if r or c:
                     self._put(Delta(r, c))
-                    sent = True
                 if matched:
                     self._generation.cancel()
                     break
@@ -142,10 +145,14 @@ class Answer:
             self._put(Finished(reason, stats, reasoning_tokens,
                                parser is not None and parser.reasoned))
         except GenerationError as e:
-            self._put(Failed(from_generation_error(e, started=self._tokens_seen > 0), sent))
+            if self._stop.is_set():  # cancelled while it waited for room
+                return self._left()
+            self._put(Failed(from_generation_error(e, running=True)))
+        except PeerError as e:  # a node that cannot be reached names itself
+            self._put(Failed(node_unreachable(str(e))))
         except Exception as e:  # a bug must still answer the client, and be logged
             log.exception("generation failed")
-            self._put(Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}"), sent))
+            self._put(Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}")))
         finally:
             pieces.close()
             close = getattr(tokens, "close", None)

@@ -9,8 +9,8 @@ from typing import Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
-from clusterd.coordinator.generation import (AdmissionError, ContextTooLong, GenerationError,
-                                             QueueFull, RingUnavailable, Unsupported)
+from clusterd.coordinator.generation import (ContextTooLong, GenerationError, QueueFull,
+                                             RingUnavailable, Unsupported)
 
 
 class ApiError(Exception):
@@ -45,9 +45,10 @@ def unsupported(param: str, why: str = "") -> ApiError:
     return ApiError(400, text, param, "unsupported_parameter")
 
 
-def from_generation_error(e: GenerationError, *, started: bool = False) -> ApiError:
-    """An engine error as an HTTP error. Admission errors are the client's
-    (4xx) or the ring's (503) before anything ran; others are a node's."""
+def from_generation_error(e: GenerationError, *, running: bool = False) -> ApiError:
+    """An engine error as an HTTP error: admission refusals are the
+    client's (4xx) or the ring's (503); other errors at submit are the
+    request's (400), and while running a node's (502)."""
     if isinstance(e, ContextTooLong):
         param = "messages" if e.prompt_tokens >= e.context else "max_tokens"
         return ApiError(400, str(e), param, "context_length_exceeded")
@@ -59,10 +60,13 @@ def from_generation_error(e: GenerationError, *, started: bool = False) -> ApiEr
         word = str(e).split(" ", 1)[0]
         return ApiError(400, str(e), word if word.isidentifier() else None,
                         "unsupported_parameter")
-    if isinstance(e, AdmissionError) or not started:
-        # Checked before anything ran (empty prompt, a sampling range).
-        return ApiError(400, str(e), None, "invalid_request")
-    return ApiError(502, str(e), None, "generation_failed")
+    if running:
+        return ApiError(502, str(e), None, "generation_failed")
+    return ApiError(400, str(e), None, "invalid_request")
+
+
+def node_unreachable(message: str) -> ApiError:
+    return ApiError(503, message, None, "ring_unavailable")
 
 
 def validated(model: type[BaseModel], body: dict):

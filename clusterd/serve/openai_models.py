@@ -245,9 +245,13 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, str) or (isinstance(v, list) and len(v) == 1 and isinstance(v[0], str)):
-            return v
-        raise ValueError("must be a string (or a list of one string): one prompt per request")
+        text = v if isinstance(v, str) else (
+            v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) else None)
+        if text is None:
+            raise ValueError("must be a string (or a list of one string): one prompt per request")
+        if not text:
+            raise ValueError("is empty")
+        return v
 
     def check(self) -> None:
         check_unsupported(self, COMPLETION_HARMLESS, WHY)

@@ -18,16 +18,26 @@ from clusterd.serve.body import Limits
 
 
 class _Connection(h11.Connection):
-    """h11's connection, remembering why it rejected a request."""
+    """h11's connection, remembering why it rejected a request, and
+    rejecting a request head over the limit even when it arrived whole (h11
+    bounds only heads still incomplete)."""
 
     protocol_error: Optional[h11.RemoteProtocolError] = None
 
     def next_event(self):
         try:
-            return super().next_event()
+            event = super().next_event()
+            if isinstance(event, h11.Request) and _head_size(event) > self._max_incomplete_event_size:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+            return event
         except h11.RemoteProtocolError as e:
             self.protocol_error = e
             raise
+
+
+def _head_size(r: h11.Request) -> int:
+    """The request line and headers, as sent (give or take spaces)."""
+    return len(r.method) + len(r.target) + 12 + sum(len(k) + len(v) + 4 for k, v in r.headers)
 
 
 def _raw_reply(status: int, reason: bytes, message: str, code: str) -> bytes:
@@ -110,6 +120,7 @@ class Server:
         except OSError:
             self.sock.close()
             raise
+        self.sock.listen(limits.max_connections)  # connections wait from now on
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
             app, http=protocol_for(limits), lifespan="off", log_config=None,
