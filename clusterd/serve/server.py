@@ -113,7 +113,10 @@ class Server:
 
     def __init__(self, app, host: str, port: int, limits: Limits, access_log: bool = True):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio turns Nagle off (TCP_NODELAY) only on
+        # sockets that say so, and with Nagle on a keep-alive client waits
+        # ~40 ms for each response's body (delayed ACK).
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((host, port))
