@@ -10,8 +10,20 @@ import anyio
 
 from clusterd.coordinator.generation import GenerationError, GenerationRequest, Sampling
 from clusterd.serve.answer import Answer, Job
-from clusterd.serve.errors import bad_request, from_generation_error
+from clusterd.serve.body import read_json
+from clusterd.serve.errors import bad_request, from_generation_error, validated
 from clusterd.serve.router import Served
+
+
+async def accept(request, model) -> tuple:
+    """The body as a `model` (a 400 naming the field), the model it names
+    (a 404), and its own checks of what cannot be honoured (a 400):
+    (app state, request, Served)."""
+    state = request.app.state
+    req = validated(model, await read_json(request, state.config.limits))
+    served = state.router.get(req.model)
+    req.check()
+    return state, req, served
 
 
 def _limit(served: Served, prompt_tokens: int, asked: Optional[int], cap: Optional[int]) -> int:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from clusterd.serve.admission import chat_job, start, text_job
+from clusterd.serve.admission import accept, chat_job, start, text_job
 from clusterd.serve.answer import Delta, Finished
 from clusterd.serve.body import read_json
 from clusterd.serve.errors import bad_request, validated
@@ -98,19 +98,14 @@ def _loaded(req, chat: bool) -> JSONResponse:
 
 
 async def chat(request: Request):
-    req: ChatRequest = validated(ChatRequest, await read_json(request, request.app.state.config.limits))
-    served = request.app.state.router.get(req.model)
-    req.check()
+    _, req, served = await accept(request, ChatRequest)
     if not req.messages:
         return _loaded(req, chat=True)
     return await _answer(request, req, served, chat=True)
 
 
 async def generate(request: Request):
-    req: GenerateRequest = validated(GenerateRequest,
-                                 await read_json(request, request.app.state.config.limits))
-    served = request.app.state.router.get(req.model)
-    req.check()
+    _, req, served = await accept(request, GenerateRequest)
     if not req.prompt:
         return _loaded(req, chat=False)
     return await _answer(request, req, served, chat=False)

@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from clusterd.serve.admission import chat_job, start, text_job
+from clusterd.serve.admission import accept, chat_job, start, text_job
 from clusterd.serve.answer import Delta, Finished
-from clusterd.serve.body import read_json
-from clusterd.serve.errors import validated
 from clusterd.serve.openai_models import ChatRequest, CompletionRequest, stop_list
 from clusterd.serve.router import Served
 from clusterd.serve.streaming import events, respond
@@ -58,76 +56,73 @@ class _Reply:
         return out
 
 
+async def _stream(answer, first, reply: _Reply, delta: Callable[[Delta], dict],
+                  end: Callable[[str], dict], prelude: tuple = ()) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per piece, the finish, the usage if asked
+    for, an error event if the answer fails midway, then [DONE]."""
+    for choice in prelude:
+        yield sse(reply.body(choice))
+    async for ev in events(answer, first):
+        if isinstance(ev, Delta):
+            yield sse(reply.body(delta(ev)))
+        elif isinstance(ev, Finished):
+            yield sse(reply.body(end(ev.finish_reason)))
+            if reply.include_usage:
+                yield sse({**reply.body({}), "choices": [], "usage": usage(ev)})
+        else:
+            yield sse(ev.error.openai_body())
+    yield DONE
+
+
+def _sampling(req, state) -> dict:
+    return dict(max_tokens=req.limit, sampling=req.sampling(), stops=stop_list(req.stop),
+                cap=state.config.max_tokens)
+
+
 async def chat_completions(request: Request):
-    state = request.app.state
-    req: ChatRequest = validated(ChatRequest, await read_json(request, state.config.limits))
-    served: Served = state.router.get(req.model)
-    req.check()
-    answer = await start(served, chat_job, req.chat(), max_tokens=req.limit,
-                         sampling=req.sampling(), stops=stop_list(req.stop),
-                         cap=state.config.max_tokens)
+    state, req, served = await accept(request, ChatRequest)
+    answer = await start(served, chat_job, req.chat(), **_sampling(req, state))
     reply = _Reply("chat.completion.chunk" if req.stream else "chat.completion", "chatcmpl",
                    req.model, req.include_usage)
+
+    def choice(finish: Optional[str] = None, **fields) -> dict:
+        return {"index": 0, **fields, "logprobs": None, "finish_reason": finish}
 
     def whole(c) -> dict:
         reasoning: Optional[str] = c.reasoning if c.end.reasoned else None
         message = {"role": "assistant", "content": c.content, "reasoning_content": reasoning,
                    "reasoning": reasoning}
-        out = reply.body({"index": 0, "message": message, "logprobs": None,
-                          "finish_reason": c.end.finish_reason}, usage=usage(c.end))
-        return out
+        return reply.body(choice(c.end.finish_reason, message=message), usage=usage(c.end))
 
-    async def frames(first) -> AsyncIterator[bytes]:
-        yield sse(reply.body({"index": 0, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}))
-        async for ev in events(answer, first):
-            if isinstance(ev, Delta):
-                delta = {}
-                if ev.reasoning:
-                    delta["reasoning_content"] = delta["reasoning"] = ev.reasoning
-                if ev.content:
-                    delta["content"] = ev.content
-                yield sse(reply.body({"index": 0, "delta": delta, "logprobs": None,
-                                      "finish_reason": None}))
-            elif isinstance(ev, Finished):
-                yield sse(reply.body({"index": 0, "delta": {}, "logprobs": None,
-                                      "finish_reason": ev.finish_reason}))
-                if req.include_usage:
-                    yield sse({**reply.body({}), "choices": [], "usage": usage(ev)})
-            else:
-                yield sse(ev.error.openai_body())
-        yield DONE
+    def delta(ev: Delta) -> dict:
+        d = {}
+        if ev.reasoning:
+            d["reasoning_content"] = d["reasoning"] = ev.reasoning
+        if ev.content:
+            d["content"] = ev.content
+        return choice(delta=d)
+
+    def frames(first):
+        return _stream(answer, first, reply, delta, lambda f: choice(f, delta={}),
+                       prelude=(choice(delta={"role": "assistant", "content": ""}),))
 
     return await respond(request, answer, bool(req.stream), whole, frames)
 
 
 async def completions(request: Request):
-    state = request.app.state
-    req: CompletionRequest = validated(CompletionRequest, await read_json(request, state.config.limits))
-    served: Served = state.router.get(req.model)
-    req.check()
-    answer = await start(served, text_job, req.text, max_tokens=req.limit,
-                         sampling=req.sampling(), stops=stop_list(req.stop),
-                         cap=state.config.max_tokens)
+    state, req, served = await accept(request, CompletionRequest)
+    answer = await start(served, text_job, req.text, **_sampling(req, state))
     reply = _Reply("text_completion", "cmpl", req.model, req.include_usage)
 
-    def choice(text: str, finish: Optional[str]) -> dict:
+    def choice(text: str, finish: Optional[str] = None) -> dict:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
     def whole(c) -> dict:
         return reply.body(choice(c.content, c.end.finish_reason), usage=usage(c.end))
 
-    async def frames(first) -> AsyncIterator[bytes]:
-        async for ev in events(answer, first):
-            if isinstance(ev, Delta):
-                yield sse(reply.body(choice(ev.content, None)))
-            elif isinstance(ev, Finished):
-                yield sse(reply.body(choice("", ev.finish_reason)))
-                if req.include_usage:
-                    yield sse({**reply.body({}), "choices": [], "usage": usage(ev)})
-            else:
-                yield sse(ev.error.openai_body())
-        yield DONE
+    def frames(first):
+        return _stream(answer, first, reply, lambda ev: choice(ev.content),
+                       lambda f: choice("", f))
 
     return await respond(request, answer, bool(req.stream), whole, frames)
 

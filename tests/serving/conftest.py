@@ -2,6 +2,7 @@
 reasoning (see thinking.py) on two daemons, and a synthetic distill (Qwen2
 base) on a third, both behind one server."""
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,18 @@ def ollama_client(serving):
     import ollama
     return ollama.Client(host=serving.url, headers={"Authorization": f"Bearer {KEY}"},
                          timeout=60)
+
+
+def concurrently(*calls):
+    """Run the calls on threads at once; their results, in order."""
+    results = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results

@@ -1,14 +1,13 @@
 """The OpenAI face through the official `openai` client, against real
 daemons; every answer checked against single-process mlx-lm."""
 
-import threading
 import time
 
 import openai
 import pytest
 
 from serving import rawhttp
-from serving.conftest import CONTEXT, QUESTION
+from serving.conftest import CONTEXT, QUESTION, concurrently
 from serving.serverproc import KEY
 
 ASK = [{"role": "user", "content": QUESTION}]
@@ -254,16 +253,8 @@ def test_concurrent_requests_each_get_their_own_answer(serving, openai_client):
     r1 = serving.r1
     asks = [[{"role": "user", "content": q}] for q in (QUESTION, "What is 17 times 23?")]
     expected = [r1.chat_reference(a, 12)[1] for a in asks]
-    got = [None, None]
-
-    def ask(i):
-        got[i] = openai_client.chat.completions.create(
-            model=r1.name, messages=asks[i], max_tokens=12, temperature=0
-        ).choices[0].message.content
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    got = concurrently(*(
+        lambda a=a: openai_client.chat.completions.create(
+            model=r1.name, messages=a, max_tokens=12, temperature=0).choices[0].message.content
+        for a in asks))
     assert got == expected

@@ -2,10 +2,8 @@
 model it names, checked against mlx-lm on that model; /health reports
 every stage of both."""
 
-import threading
-
 from serving import rawhttp
-from serving.conftest import QUESTION
+from serving.conftest import QUESTION, concurrently
 
 ASK = [{"role": "user", "content": QUESTION}]
 
@@ -30,19 +28,13 @@ def test_each_request_is_answered_by_the_model_it_names(serving, openai_client, 
 def test_both_models_at_once(serving, openai_client):
     models = (serving.r1, serving.distill)
     expected = [m.chat_reference(ASK, 20)[:2] for m in models]
-    got = [None, None]
 
-    def ask(i):
+    def ask(m):
         msg = openai_client.chat.completions.create(
-            model=models[i].name, messages=ASK, max_tokens=20, temperature=0).choices[0].message
-        got[i] = (msg.model_extra["reasoning_content"], msg.content)
+            model=m.name, messages=ASK, max_tokens=20, temperature=0).choices[0].message
+        return msg.model_extra["reasoning_content"], msg.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert got == expected
+    assert concurrently(*(lambda m=m: ask(m) for m in models)) == expected
 
 
 def test_health_reports_every_stage_of_both_models(serving):
