@@ -52,9 +52,8 @@ def _also_nodes(spec: str, also_peers: Sequence[str], ring_args: dict) -> tuple[
     return model, [by_name.get(w, w) for w in wanted]
 
 
-def _open_also(spec: str, also_peers: Sequence[str], taken: set[str], ring_args: dict,
+def _open_also(model: str, addresses: Sequence[str], taken: set[str], ring_args: dict,
                context: int, queue: int) -> Served:
-    model, addresses = _also_nodes(spec, also_peers, ring_args)
     shared = taken.intersection(addresses)
     if shared:
         raise click.UsageError(f"--also {model}: {', '.join(sorted(shared))} already holds "
@@ -100,21 +99,26 @@ def serve(also, also_peers, host, http_port, api_key, max_tokens, queue, read_ti
     if host not in LOOPBACK and not api_key:
         _err(f"warning: serving on {host} without --api-key: anyone on the network can use it")
     context = ring_args["context"]
+    # Where each --also model goes is checked before anything is loaded.
+    extra = [_also_nodes(spec, also_peers, ring_args) for spec in also]
     models: list[Served] = []
     try:
         ring = open_ring_from_flags(**ring_args, show=True, say=_err)
         name = served_name(ring_args["model"])
         models.append(Served(name, Engine(ring, name=name, context=context, queue_limit=queue)))
         taken = {st.peer.address for st in ring.stages}
-        for spec in also:
-            models.append(_open_also(spec, also_peers, taken, ring_args, context, queue))
+        for model, addresses in extra:
+            models.append(_open_also(model, addresses, taken, ring_args, context, queue))
         router = Router(models)
     except OPEN_ERRORS as e:
         _close(models)
         raise click.ClickException(str(e)) from None
-    except (ValueError, click.UsageError):
+    except click.UsageError:
         _close(models)
         raise
+    except ValueError as e:  # two models under one name
+        _close(models)
+        raise click.ClickException(str(e)) from None
     limits = Limits(max_body_bytes=max_body, read_timeout_s=read_timeout)
     app = create_app(router, ServeConfig(limits=limits, api_key=api_key, max_tokens=max_tokens))
     try:

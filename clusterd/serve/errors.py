@@ -90,7 +90,8 @@ def from_validation_error(e: ValidationError) -> ApiError:
         return ApiError(400, f"{path}: unknown field", path, "unknown_parameter")
     if kind == "missing":
         return ApiError(400, f"{path} is required", path, "missing_required_parameter")
-    given = "" if kind in ("value_error", "assertion_error") else f" (got {_short(err.get('input'))})"
+    given = ("" if kind in ("value_error", "assertion_error")
+             else f" (got {_short(err.get('input'))})")
     return ApiError(400, f"{path}: {msg}{given}" if path else f"{msg}{given}", path or None,
                     "invalid_value")
 

@@ -111,11 +111,16 @@ async def generate(request: Request):
     return await _answer(request, req, served, chat=False)
 
 
+def _size(n) -> str:
+    if not n:
+        return ""
+    return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
 def _details(m: Served) -> dict:
-    n = m.parameter_count
     return {"parent_model": "", "format": "mlx", "family": m.model_type,
             "families": [m.model_type], "quantization_level": m.quant,
-            "parameter_size": f"{n / 1e9:.1f}B" if n and n >= 1e8 else (f"{n / 1e6:.1f}M" if n else "")}
+            "parameter_size": _size(m.parameter_count)}
 
 
 def _entry(m: Served) -> dict:
@@ -138,7 +143,8 @@ async def ps(request: Request):
 
 
 async def show(request: Request):
-    req: ShowRequest = validated(ShowRequest, await read_json(request, request.app.state.config.limits))
+    limits = request.app.state.config.limits
+    req: ShowRequest = validated(ShowRequest, await read_json(request, limits))
     name = req.model or req.name
     if not name:
         raise bad_request("model is required", "model", "missing_required_parameter")

@@ -27,7 +27,8 @@ class _Connection(h11.Connection):
     def next_event(self):
         try:
             event = super().next_event()
-            if isinstance(event, h11.Request) and _head_size(event) > self._max_incomplete_event_size:
+            limit = self._max_incomplete_event_size
+            if isinstance(event, h11.Request) and _head_size(event) > limit:
                 raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             return event
         except h11.RemoteProtocolError as e:
