@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, Union
 
 from clusterd.coordinator.generation import GenerationError, GenerationRequest, GenerationStats
 from clusterd.coordinator.peers import PeerError
@@ -50,13 +50,13 @@ class Failed:
 Event = Union[Delta, Finished, Failed]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Collected:
     """A whole answer, for the faces that do not stream."""
 
-    reasoning: str = ""
-    content: str = ""
-    end: Optional[Finished] = None
+    reasoning: str
+    content: str
+    end: Finished
 
 
 class Answer:
@@ -83,17 +83,16 @@ class Answer:
         return await self._events.get()
 
     async def collect(self) -> Collected:
-        out = Collected()
+        reasoning, content = [], []
         while True:
             ev = await self.next()
             if isinstance(ev, Delta):
-                out.reasoning += ev.reasoning
-                out.content += ev.content
+                reasoning.append(ev.reasoning)
+                content.append(ev.content)
             elif isinstance(ev, Failed):
                 raise ev.error
             else:
-                out.end = ev
-                return out
+                return Collected("".join(reasoning), "".join(content), ev)
 
     # -- the worker thread ----------------------------------------------------
     def _put(self, event: Event) -> None:

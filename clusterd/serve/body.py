@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from itertools import accumulate
+from types import MappingProxyType
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
@@ -29,7 +30,7 @@ _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _STRING = re.compile(rb'"[^"]*"')
 # Every byte but the four brackets, to delete.
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_DEPTH = MappingProxyType({ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1})
 
 
 def json_depth(raw: bytes) -> int:

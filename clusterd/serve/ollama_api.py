@@ -167,11 +167,11 @@ async def version_info(request: Request):
     return JSONResponse({"version": version("clusterd")})
 
 
-routes = [
+routes = (
     Route("/api/chat", chat, methods=["POST"]),
     Route("/api/generate", generate, methods=["POST"]),
     Route("/api/tags", tags, methods=["GET"]),
     Route("/api/ps", ps, methods=["GET"]),
     Route("/api/show", show, methods=["POST"]),
     Route("/api/version", version_info, methods=["GET"]),
-]
+)

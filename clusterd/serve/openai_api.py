@@ -140,9 +140,9 @@ async def get_model(request: Request):
     return JSONResponse(_model(request.app.state.router.get(request.path_params["model_id"])))
 
 
-routes = [
+routes = (
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-]
+)

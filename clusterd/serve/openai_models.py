@@ -5,6 +5,7 @@ OpenAI itself answers."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -143,7 +144,7 @@ class ResponseFormat(Strict):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
-CHAT_HARMLESS: Mapping[str, Callable[[Any], bool]] = {
+CHAT_HARMLESS: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
     "n": lambda v: v == 1,
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v in ("none", "auto"),
@@ -161,9 +162,9 @@ CHAT_HARMLESS: Mapping[str, Callable[[Any], bool]] = {
     "web_search_options": lambda v: False,
     "moderation": lambda v: False,
     "prompt_cache_options": lambda v: False,
-}
+})
 
-WHY: Mapping[str, str] = {
+WHY: Mapping[str, str] = MappingProxyType({
     "n": "one choice per request",
     "tools": "this server has no tool calling",
     "tool_choice": "this server has no tool calling",
@@ -179,7 +180,7 @@ WHY: Mapping[str, str] = {
     "echo": "the prompt is not echoed",
     "best_of": "one completion per request",
     "suffix": "no fill-in-the-middle",
-}
+})
 
 
 class ChatRequest(SamplingFields):
@@ -225,14 +226,14 @@ class ChatRequest(SamplingFields):
                 for i, m in enumerate(self.messages)]
 
 
-COMPLETION_HARMLESS: Mapping[str, Callable[[Any], bool]] = {
+COMPLETION_HARMLESS: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
     "n": lambda v: v == 1,
     "best_of": lambda v: v == 1,
     "echo": lambda v: v is False,
     "logprobs": lambda v: v == 0,
     "suffix": lambda v: v == "",
     "logit_bias": lambda v: v == {},
-}
+})
 
 
 class CompletionRequest(SamplingFields):
