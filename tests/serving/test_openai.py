@@ -240,7 +240,7 @@ def test_a_full_queue_is_a_503_and_clients_that_leave_are_cancelled(serving, ope
 
 def test_a_client_that_stops_waiting_cancels_its_generation(serving):
     port = serving.server.port
-    slow = openai.OpenAI(base_url=f"{serving.url}/v1", api_key=KEY, max_retries=0, timeout=0.3)
+    slow = openai.OpenAI(base_url=f"{serving.url}/v1", api_key=KEY, max_retries=0, timeout=1.0)
     before = serving.server.log().count("the client left")
     with pytest.raises(openai.APITimeoutError):
         slow.chat.completions.create(model=serving.r1.name, messages=ASK,
