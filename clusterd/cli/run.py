@@ -6,7 +6,9 @@ import sys
 import click
 
 from clusterd.cli.ring import OPEN_ERRORS, open_engine, open_ring_from_flags, ring_options
+from clusterd.coordinator.chat import Prompt
 from clusterd.coordinator.generation import GenerationError, GenerationRequest, Sampling
+from clusterd.serve.reasoning import ReasoningParser, split_reasoning
 
 
 def _err(text: str) -> None:
@@ -22,8 +24,10 @@ def _err(text: str) -> None:
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is, without the chat template.")
+@click.option("--hide-reasoning", is_flag=True,
+              help="Show only the answer, not the reasoning before it (R1 and its distills).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def run(prompt, max_tokens, temp, top_p, seed, raw, as_json, **ring_args):
+def run(prompt, max_tokens, temp, top_p, seed, raw, hide_reasoning, as_json, **ring_args):
     """Split MODEL across the nodes and generate. MODEL is a name from
     `clusterd models` (with --quant), a repository id, or a model folder every
     node can read. Nodes fetch what they lack first (see `clusterd pull`).
@@ -37,34 +41,65 @@ def run(prompt, max_tokens, temp, top_p, seed, raw, as_json, **ring_args):
     chat, config = ring.chat, ring.config
     sampling = Sampling(temperature=temp, top_p=top_p, seed=seed)
     if prompt is None:
-        _interactive(engine, chat, max_tokens, sampling, raw)
+        _interactive(engine, chat, max_tokens, sampling, raw, hide_reasoning)
         return
-    ids = chat.encode([{"role": "user", "content": prompt}], raw=raw)
+    p = _prompt(chat, [{"role": "user", "content": prompt}], raw)
     try:
-        gen = engine.submit(GenerationRequest(tuple(ids), max_tokens, sampling,
-                                              tuple(chat.stop_ids)))
+        gen = engine.submit(GenerationRequest(p.ids, max_tokens, sampling, tuple(chat.stop_ids)))
         stats, tokens = gen.stats, iter(gen)
         if as_json:
             list(tokens)
         else:
-            for piece in chat.stream_text(tokens):
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-            click.echo()
+            _show(chat, tokens, p.opens_reasoning, hide_reasoning)
     except GenerationError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps({**_report(stats, ring.stages, chat, config),
+        click.echo(json.dumps({**_report(stats, ring.stages, chat, config, p.opens_reasoning),
                                "recoveries": stats.recoveries}))
     else:
         _err(f"[{stats.prompt_tokens} prompt tokens, TTFT {stats.ttft_s:.2f}s, "
              f"{len(stats.tokens)} tokens at {stats.decode_tok_s:.1f} tok/s, {stats.finish_reason}]")
 
 
-def _report(stats, stages, chat, config) -> dict:
+def _prompt(chat, messages: list[dict], raw: bool) -> Prompt:
+    if raw:
+        return Prompt(tuple(chat.encode_text(messages[-1]["content"])), False)
+    return chat.prompt(messages)
+
+
+def _show(chat, tokens, opens_reasoning: bool, hide: bool) -> str:
+    """Stream the reasoning (dimmed, or not at all) and then the answer;
+    returns the answer."""
+    parser = ReasoningParser(opens_reasoning)
+    shown, answer = False, ""
+
+    def echo(reasoning: str, content: str) -> None:
+        nonlocal shown, answer
+        if reasoning and not hide:
+            click.echo(click.style(reasoning, dim=True), nl=False)
+            shown = True
+        if content:
+            if shown and not answer:
+                click.echo("\n")  # the answer starts on a line of its own
+            click.echo(content, nl=False)
+            answer += content
+        sys.stdout.flush()
+
+    for piece in chat.stream_text(tokens):
+        echo(*parser.feed(piece))
+    echo(*parser.finish())
+    click.echo()
+    return answer
+
+
+def _report(stats, stages, chat, config, opens_reasoning: bool) -> dict:
+    text = chat.decode(stats.tokens)
+    reasoning, content = split_reasoning(text, opens_reasoning)
     return {
         "tokens": stats.tokens,
-        "text": chat.decode(stats.tokens),
+        "text": text,
+        "reasoning": reasoning,
+        "content": content,
         "prompt_tokens": stats.prompt_tokens,
         "cached_tokens": stats.cached_tokens,
         "ttft_s": stats.ttft_s,
@@ -79,7 +114,7 @@ def _report(stats, stages, chat, config) -> dict:
     }
 
 
-def _interactive(engine, chat, max_tokens, sampling, raw) -> None:
+def _interactive(engine, chat, max_tokens, sampling, raw, hide_reasoning) -> None:
     _err("Chat with the model. An empty line or Ctrl-D ends the chat.")
     history: list[dict] = []
     while True:
@@ -91,16 +126,14 @@ def _interactive(engine, chat, max_tokens, sampling, raw) -> None:
         if not line.strip():
             return
         history.append({"role": "user", "content": line})
+        p = _prompt(chat, history, raw)
         try:
-            ids = chat.encode(history, raw=raw)
+            # Each turn reuses the stages' caches of the turns before (prompt cache).
             gen = engine.submit(GenerationRequest(
-                tuple(ids), min(max_tokens, engine.context - len(ids)), sampling,
+                p.ids, min(max_tokens, engine.context - len(p.ids)), sampling,
                 tuple(chat.stop_ids)))
-            stats = gen.stats
-            for piece in chat.stream_text(gen):
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
+            answer = _show(chat, gen, p.opens_reasoning, hide_reasoning)
         except GenerationError as e:
             raise click.ClickException(str(e)) from None
-        click.echo()
-        history.append({"role": "assistant", "content": chat.decode(stats.tokens)})
+        # The template drops an earlier answer's reasoning: keep the answer.
+        history.append({"role": "assistant", "content": answer})
