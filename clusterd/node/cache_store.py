@@ -103,6 +103,19 @@ class PromptCache:
         self._bytes -= self._lru.pop(key)
 
 
+def compact(caches: list[Any]) -> list[Any]:
+    """Cut each cache's buffers to the positions it holds, so an entry costs
+    exactly its tokens (KVCache grows in 256-position steps). Compute thread."""
+    import mlx.core as mx
+
+    for c in caches:
+        if getattr(c, "keys", None) is not None and c.offset < c.keys.shape[2]:
+            c.keys = mx.contiguous(c.keys[..., :c.offset, :])
+            c.values = mx.contiguous(c.values[..., :c.offset, :])
+    mx.eval([(c.keys, c.values) for c in caches if getattr(c, "keys", None) is not None])
+    return caches
+
+
 def materialize(pin: Pin, tokens: int) -> list[Any]:
     """A session's own copy of a pinned entry, cut to its first `tokens`
     (compute thread: copying arrays is MLX work)."""

@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from clusterd.models.stage import StageLoadError, load_stage, read_config
 from clusterd.node.batching import GroupCaches, GroupFormer, trim_row
-from clusterd.node.cache_store import PromptCache, materialize
+from clusterd.node.cache_store import PromptCache, compact, materialize
 from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
@@ -328,7 +328,7 @@ class Executor:
         n = min(len(keep), s.length)
         trim_row(caches, None, s.length - n)
         if n > 1:
-            shard.prompt_cache.insert(keep[:n], caches)
+            shard.prompt_cache.insert(keep[:n], compact(caches))
 
     # -- a step ---------------------------------------------------------------
     def _step(self, work: _Work) -> None:

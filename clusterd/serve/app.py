@@ -84,11 +84,15 @@ async def health(request: Request):
     failing = [f"{st['node']} ({st['address']}, {row['model']}): {st['state']}"
                + (f": {st['error']}" if st.get("error") else "")
                for row in rows for st in row["stages"] if st["state"] != "ready"]
+    # A ring that could not be placed has no stages to list: its error names the nodes.
+    failing += [f"{row['model']}: {row['error']}" for row in rows if row.get("status") == "down"]
     body = {"status": "degraded" if failing else "ok", "models": rows}
     if failing:
         body["message"] = "not every stage answers: " + "; ".join(failing)
         body["failing"] = [st["node"] for row in rows for st in row["stages"]
-                           if st["state"] != "ready"]
+                           if st["state"] != "ready"] + [
+                               n for row in rows for n in row.get("missing", ())
+                               if row.get("status") == "down"]
     return JSONResponse(body, 503 if failing else 200)
 
 

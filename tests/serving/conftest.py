@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from clusterd.local_cluster import LocalCluster
-from reference import mlx_lm_greedy, mlx_lm_text
+from reference import mlx_lm_greedy, mlx_lm_sampled, mlx_lm_text
 from serving.serverproc import KEY, ServeProcess, start_serve
 from serving.thinking import make_thinking, think_end_id
 
@@ -49,6 +49,12 @@ class Model:
         reasoning, _, content = self.text(tokens).partition("</think>")
         return reasoning.strip(), content.lstrip(), tokens, len(prompt)
 
+    def sampled_reference(self, messages, max_tokens: int, **params) -> str:
+        """The whole text (reasoning and answer) mlx-lm samples with `params`."""
+        tokens = mlx_lm_sampled(self.path, self.prompt(messages), max_tokens, context=CONTEXT,
+                                stop_ids=tuple(self.tokenizer.eos_token_ids), **params)
+        return self.text(tokens)
+
 
 @dataclass(frozen=True)
 class Serving:
@@ -77,7 +83,8 @@ def serving(synthetic, tmp_path_factory):
         a = cluster.addresses
         server = start_serve(r1.path, a[:2], tmp / "serve.log", "--context", str(CONTEXT),
                              "--also", f"{distill.path}@{a[2]}", "--read-timeout", "2",
-                             "--queue", "2", "--max-body", str(2**20))
+                             "--queue", "2", "--max-body", str(2**20),
+                             "--sessions", "1")  # one at a time: the queue tests count on it
         try:
             yield Serving(server, r1, distill, cluster)
         finally:
