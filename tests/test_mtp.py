@@ -20,7 +20,7 @@ from mlx_lm.models import deepseek_v3
 from mlx_lm.utils import quantize_model
 
 from clusterd.models import mtp_convert
-from clusterd.models.mtp import MtpDrafter, load_main_embedding, load_module
+from clusterd.models.mtp import ONE_BY_ONE, MtpDrafter, load_main_embedding, load_module
 from clusterd.models.mtp_files import (MtpSource, WEIGHTS_FILE, mtp_weight_bytes,
                                        original_shards)
 from clusterd.models.store import ModelRef, ModelStore
@@ -204,16 +204,17 @@ def _hidden(n, seed=0):
 
 
 def test_one_call_equals_position_by_position(drafter):
-    h, toks = _hidden(6), [5, 77, 310, 9, 1500, 42]
+    n = ONE_BY_ONE + 4  # a prompt's worth: fed as one chunk
+    h, toks = _hidden(n), [(37 * i + 5) % 2048 for i in range(n)]
     whole = drafter.new_state()
     a = drafter.draft(whole, h, toks, k=1, params=SamplingParams(0.6),
                       key=mx.random.key(1))
     steps = drafter.new_state()
-    for i in range(5):
+    for i in range(n - 3):
         drafter.extend(steps, h[i:i + 1], toks[i:i + 1])
-    b = drafter.draft(steps, h[5:], toks[5:], k=1, params=SamplingParams(0.6),
+    b = drafter.draft(steps, h[n - 3:], toks[n - 3:], k=1, params=SamplingParams(0.6),
                       key=mx.random.key(1))
-    assert whole.offset == steps.offset == 6
+    assert whole.offset == steps.offset == n
     assert a.tokens == b.tokens
     assert mx.allclose(a.logprobs, b.logprobs, atol=1e-4).item()
 

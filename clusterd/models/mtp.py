@@ -45,6 +45,8 @@ from clusterd.models.mtp_files import (EMBED_PREFIX, SOURCE_FILE, WEIGHTS_FILE, 
 from clusterd.speculative.drafts import Draft, MtpUnavailable
 from clusterd.speculative.sampling import SamplingParams, draw, next_key, probabilities
 
+# Up to this many new positions are fed one at a time (see MtpDrafter._feed).
+ONE_BY_ONE = 8
 Embed = Callable[[mx.array], mx.array]  # token ids [1, n] -> [1, n, hidden]
 Head = Callable[[mx.array], mx.array]  # normed hidden [..., hidden] -> logits [..., vocab]
 
@@ -141,7 +143,7 @@ class MtpDrafter:
             raise ValueError("drafting at temperature > 0 needs the session's random key")
         state.cache.trim(state.pending)
         state.pending = 0
-        g = self.module(h, self.embed(mx.array([[int(t) for t in tokens]])), state.cache)[:, -1:]
+        g = self._feed(h, [int(t) for t in tokens], state.cache)
         drafts, qs = [], []
         for i in range(k):
             logits = self.head(g)[0].astype(mx.float32)  # [1, V]
@@ -159,6 +161,18 @@ class MtpDrafter:
         q = mx.stack(qs) if qs else None
         mx.eval([*drafts, *([q] if q is not None else []), *_cache_arrays(state.cache)])
         return Draft(tuple(int(d.item()) for d in drafts), q, key)
+
+    def _feed(self, h: mx.array, tokens: list[int], cache: KVCache) -> mx.array:
+        """The normed output at the last of the fed positions, [1, 1, H]."""
+        embedded = self.embed(mx.array([tokens]))
+        if len(tokens) > ONE_BY_ONE:
+            return self.module(h, embedded, cache)[:, -1:]
+        # mlx-lm's MLA attention takes its absorbed path only for one position; a chunk
+        # re-expands the whole latent cache per head, which for a trip's few accepted
+        # positions costs more than feeding them one by one.
+        for i in range(len(tokens)):
+            g = self.module(h[:, i:i + 1], embedded[:, i:i + 1], cache)
+        return g
 
 
 def load_module(folder: Path, main_config: dict) -> MtpModule:

@@ -10,9 +10,11 @@ mlx-lm's quantize_model (every module with to_quantized whose input axis the gro
 divides; the router stays as it is).
 
 The routed experts go through sanitize and quantization one at a time: R1's 256 experts
-dequantized at once would take ~22 GB; one at a time the peak is one expert. Affine
-quantization groups along each row, so quantizing experts apart and stacking is
-bit-identical to quantizing the stack (the tests compare with mlx-lm's own route).
+dequantized at once would take ~22 GB in bf16; this way the transient memory is one
+dequantized expert plus one projection's quantized experts (~2.4 GB at 4 bits) on top of
+the converted layer itself (7.3 GB for R1 at 4-bit, group 32). Affine quantization groups
+along each row, so quantizing experts apart and stacking is bit-identical to quantizing
+the stack (the tests compare with mlx-lm's own route).
 """
 
 from __future__ import annotations
@@ -203,28 +205,36 @@ def _convert(tensors: dict[str, mx.array], layer: int, main_config: dict) -> Mtp
 
 
 def _experts(sanitizer, experts, module, cast, quant, count) -> dict[str, mx.array]:
-    """The routed experts, each dequantized and quantized alone, stacked as switch_mlp."""
+    """The routed experts, each dequantized and quantized alone, stacked as switch_mlp;
+    one projection at a time, so the transient memory is one projection's experts."""
     if sorted(experts) != list(range(count)):
         raise MtpUnavailable(f"the MTP layer has experts {sorted(experts)[:3]}... of "
                              f"{len(experts)}, the model has {count}")
-    parts: dict[str, list[mx.array]] = {}
-    for e in range(count):
-        for k, w in _sanitized(sanitizer, experts[e]).items():
+    stacked: dict[str, mx.array] = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        target = module.layer.mlp.switch_mlp[proj]
+        quantized = quant is not None and _quantizes(target, quant["group_size"])
+        parts: dict[str, list[mx.array]] = {}
+        for e in range(count):
+            mine = {k: v for k, v in experts[e].items() if f".{proj}." in k}
+            [(k, w)] = _sanitized(sanitizer, mine).items()
             path = _module_path(k)  # layer.mlp.switch_mlp.<proj>.weight, shape (1, out, in)
             w = cast(path, w)
-            proj = path.removesuffix(".weight")
-            target = module.layer.mlp.switch_mlp[proj.rsplit(".", 1)[1]]
-            if quant is not None and _quantizes(target, quant["group_size"]):
+            if quantized:
                 one = SwitchLinear(w.shape[2], w.shape[1], 1, bias=False)
                 one.weight = w
                 q = one.to_quantized(quant["group_size"], quant["bits"], mode=quant["mode"])
-                pieces = {f"{proj}.{n}": a for n, a in tree_flatten(q.parameters())}
+                pieces = {f"{path.removesuffix('.weight')}.{n}": a
+                          for n, a in tree_flatten(q.parameters())}
             else:
                 pieces = {path: w}
             mx.eval(list(pieces.values()))
             for n, a in pieces.items():
                 parts.setdefault(n, []).append(a)
-    return {n: mx.concatenate(a, axis=0) for n, a in parts.items()}
+        for n in list(parts):
+            stacked[n] = mx.concatenate(parts.pop(n), axis=0)
+            mx.eval(stacked[n])
+    return stacked
 
 
 def _sanitized(sanitizer: Model, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
