@@ -131,7 +131,11 @@ class MtpDrafter:
         trained for; k > 1 chains it on its own output. Greedy params: argmax drafts,
         Draft.logprobs None. Sampling: drafts drawn from the sampler's distribution of the
         MTP logits (same filters and temperature), their log-probs in Draft.logprobs [k, V]
-        for verify(); key is the session's key, returned advanced in Draft.key."""
+        for verify(); key is the session's key, returned advanced in Draft.key.
+
+        A prompt is fed in the chunks the stage prefills it with (extend), its last position
+        with the sampled first token here: the layer's own attention works like the main
+        model's, so a whole long prompt at once costs what a whole-prompt prefill would."""
         h = hidden.reshape(1, -1, hidden.shape[-1]) if hidden.ndim == 2 else hidden
         n = h.shape[1]
         if len(tokens) != n or n == 0:

@@ -142,8 +142,10 @@ def quantization_block(main_config: Mapping[str, Any]) -> Optional[dict[str, Any
 def conversion_name(source_repo: str, revision: str, main_config: Mapping[str, Any]) -> str:
     """One folder per (original checkpoint, quantization, dtype)."""
     q = quantization_block(main_config)
-    quant = f"q{q['bits']}g{q['group_size']}" + ("" if q["mode"] == "affine" else q["mode"]) \
-        if q else "unquantized"
+    if q is None:
+        quant = "unquantized"
+    else:
+        quant = f"q{q['bits']}g{q['group_size']}" + ("" if q["mode"] == "affine" else q["mode"])
     dtype = str(main_config.get("torch_dtype") or "asis")
     return f"{source_repo.replace('/', '--')}-{revision[:12]}-{quant}-{dtype}"
 
