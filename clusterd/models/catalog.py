@@ -38,6 +38,9 @@ class CatalogModel:
     published: tuple[Published, ...]
     aliases: tuple[str, ...] = ()
     default_bits: int = 4
+    # The original checkpoint (FP8) the conversions were made from: the only place the
+    # multi-token-prediction layer is published (mlx-lm drops it when converting).
+    original: Optional[str] = None
 
 
 CATALOG: dict[str, CatalogModel] = {
@@ -46,6 +49,7 @@ CATALOG: dict[str, CatalogModel] = {
         config_file="deepseek-r1.json",  # deepseek-ai/DeepSeek-R1's config.json, unchanged
         description="DeepSeek-R1 671B (MoE, 61 layers, MLA)",
         aliases=("r1", "deepseek-ai/deepseek-r1"),
+        original="deepseek-ai/DeepSeek-R1",
         published=(
             # Group size 32 is a judgement: the published sizes of these repositories (390.7 GB
             # for 4-bit, ~336 GB for 3-bit, "126B" tensor elements for 4-bit) match group 32
@@ -67,6 +71,7 @@ CATALOG: dict[str, CatalogModel] = {
         config_file="deepseek-r1.json",
         description="DeepSeek-R1-0528 671B (R1 architecture, May 2025 checkpoint)",
         aliases=("r1-0528", "deepseek-ai/deepseek-r1-0528"),
+        original="deepseek-ai/DeepSeek-R1-0528",
         published=(
             Published(4, MLX_DEFAULT_GROUP_SIZE, "mlx-community/DeepSeek-R1-0528-4bit", True,
                       "in a public project's model table; group size unverified"),
@@ -81,6 +86,7 @@ CATALOG: dict[str, CatalogModel] = {
         config_file="deepseek-r1.json",
         description="DeepSeek-V3 671B (R1's base model, same architecture)",
         aliases=("v3", "deepseek-ai/deepseek-v3"),
+        original="deepseek-ai/DeepSeek-V3",
         published=(
             Published(4, 32, "mlx-community/DeepSeek-V3-4bit", True,
                       "exo's model list; group size assumed as R1-4bit's"),
@@ -159,6 +165,16 @@ def _find(name: str) -> tuple[CatalogModel, Optional[Published]]:
             if pub.repo and key == pub.repo.lower():
                 return model, pub
     raise CatalogError(f"unknown model {name!r}: give a model folder or one of {', '.join(names())}")
+
+
+def original_repo(name: str) -> Optional[str]:
+    """The original checkpoint's repository for a catalog name or a published
+    conversion's repository id; None when the catalog knows none."""
+    try:
+        model, _ = _find(name)
+    except CatalogError:
+        return None
+    return model.original
 
 
 def load_config(name: str) -> dict[str, Any]:

@@ -273,32 +273,41 @@ def build_synthetic_model(
     final = root / _cache_name(
         config, arch, preset, seed, num_layers, shard_bytes, bits, group_size
     )
+    config["clusterd_synthetic"] = {
+        "arch": arch,
+        "preset": preset,
+        "seed": seed,
+        "format_version": FORMAT_VERSION,
+    }
     if (final / "config.json").is_file():
         return final
+    publish(final, lambda tmp: _write_model(tmp, config, seed, shard_bytes, bits, group_size,
+                                            progress))
+    if progress is not None:
+        progress("done", 1, 1)
+    return final
+
+
+def publish(final: Path, write: Callable[[Path], None]) -> Path:
+    """Build a model folder with `write(tmp)` in a private folder beside `final`, then
+    publish it by an atomic rename (a killed build leaves no usable-looking half). A
+    folder another process published first is kept: the same key, the same bytes."""
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(root, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".partial-{final.name}-{os.getpid()}-", dir=root))
     try:
         # mkdtemp makes it private; a published model is an ordinary readable directory.
         tmp.chmod(0o755)
-        config["clusterd_synthetic"] = {
-            "arch": arch,
-            "preset": preset,
-            "seed": seed,
-            "format_version": FORMAT_VERSION,
-        }
-        _write_model(tmp, config, seed, shard_bytes, bits, group_size, progress)
+        write(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process published the same build first; theirs is identical.
             if not (final / "config.json").is_file():
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if progress is not None:
-        progress("done", 1, 1)
     return final
 
 
