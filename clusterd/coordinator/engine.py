@@ -26,11 +26,13 @@ from clusterd.coordinator.generation import (ContextTooLong, GenerationError,
                                              RingUnavailable, Sampling)
 from clusterd.coordinator.peers import PeerError
 from clusterd.coordinator.pipeline import LoadedStage, RingClient, follow
+from clusterd.wire import clusterd_pb2 as pb
 
 log = logging.getLogger("clusterd.engine")
 
 DEFAULT_QUEUE = 64
 INTERLEAVE_STEP = 256  # prompt chunk size while other sessions decode
+LOOKUP_DRAFTS = 3  # prompt-lookup drafts per trip
 REFORM_EVERY_S = 3.0
 HEALTH_TIMEOUT_S = 3.0
 MAX_RECOVERIES = 3  # per generation
@@ -130,7 +132,8 @@ class _Run:
                 with self._lock:
                     self._live = (ring, sid, events)
                 try:
-                    cached = ring.open(sid, attempt, lambda i, ev: events.put((i, ev)))
+                    cached = ring.open(sid, attempt, lambda i, ev: events.put((i, ev)),
+                                       eng._draft(req.draft))
                     if not done:
                         stats.cached_tokens = cached
                     ring.send_prompt(sid, attempt.prompt, cached, eng._prompt_step())
@@ -158,8 +161,9 @@ class _Run:
 class Engine:
     def __init__(self, ring, *, name: str, context: int, max_sessions: int = 1,
                  queue_limit: int = DEFAULT_QUEUE, prefill_step_size: int = 2048,
-                 placer: Optional[Placer] = None,
+                 placer: Optional[Placer] = None, draft: str = "none",
                  on_note: Callable[[str], None] = lambda text: None):
+        """`draft`: what requests draft by default ("auto", "ngram", "none")."""
         """`ring`: coordinator.ring.Ring (its client, chat and placer)."""
         self.ring = ring
         self.name = name
@@ -168,6 +172,7 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self._placer = placer if placer is not None else getattr(ring, "placer", None)
         self._on_note = on_note
+        self.draft = draft
         self._admission = _Admission(max_sessions, queue_limit)
         self._lock = threading.Lock()  # state: ring client, epoch, down
         self._healing = threading.Lock()  # one recovery at a time
@@ -197,6 +202,8 @@ class Engine:
         problem = request.sampling.problem()
         if problem:
             raise GenerationError(problem)
+        if request.draft not in ("", "auto", "ngram", "none", "mtp"):
+            raise GenerationError(f"draft must be auto, mtp, ngram or none (got {request.draft!r})")
         with self._lock:
             if self._down is not None:
                 raise self._down
@@ -208,6 +215,13 @@ class Engine:
             if self._down is not None:
                 raise self._down
             return self.ring.client, self._epoch
+
+    def _draft(self, asked: str) -> Optional[pb.DraftParams]:
+        """The drafts a request gets: its own choice, else the engine's."""
+        kind = self.draft if asked in ("", "auto") else asked
+        if kind in ("auto", "ngram"):
+            return pb.DraftParams(kind="ngram", tokens=LOOKUP_DRAFTS)
+        return None
 
     def _prompt_step(self) -> int:
         running, _ = self._admission.counts

@@ -71,6 +71,7 @@ class GenerationStats:
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted
     trips: int = 0  # decode trips around the ring
+    draft_trips: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted)
     recoveries: int = 0  # times the ring healed under this generation
     first_token_at: float = 0.0  # monotonic clock of the first token (0: none yet)
 

@@ -215,6 +215,8 @@ def follow(ring: RingClient, events: "queue.Queue", stats: GenerationStats, t0: 
         stats.trips += 1
         stats.drafted += ev.drafted
         stats.accepted += ev.accepted
+        if ev.drafted:
+            stats.draft_trips.append((ev.drafted, ev.accepted))
         for t in ev.tokens:
             stats.tokens.append(t)
             yield t

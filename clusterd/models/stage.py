@@ -18,6 +18,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
+from clusterd.models.mla import absorbing
 from clusterd.models.files import FileCheckError, check_safetensors, is_inside_name, tensor_wanted
 from clusterd.models.watchdog import prefill_policy
 
@@ -59,6 +60,8 @@ class StageModel:
         self.hidden_size = int(config["hidden_size"])
         self.vocab_size = int(config["vocab_size"])
         self._mask_as_array = MASK_AS_ARRAY[self.model_type]
+        # DeepSeek's attention for a few positions at a time (verifying drafts).
+        self._absorbed = absorbing(self.layers) if self.model_type == "deepseek_v3" else []
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         self.prefill_evals = prefill_policy(config, bounds.start, bounds.end)
 
@@ -73,10 +76,14 @@ class StageModel:
         return [KVCache() for _ in self.layers]
 
     def forward(self, x: mx.array, cache: list[Any],
-                after_layer: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+                after_layer: Optional[Callable[[mx.array], None]] = None,
+                absorb_up_to: int = 1) -> mx.array:
         """Token ids (first stage) or a hidden state -> hidden state.
         `after_layer(h)` runs after each layer (to evaluate a long prompt
-        chunk in pieces, and to stop between them)."""
+        chunk in pieces, and to stop between them). `absorb_up_to`: runs of
+        up to this many positions attend in the latent space (models/mla.py)."""
+        for attn in self._absorbed:
+            attn.absorb_up_to = absorb_up_to
         h = self.model.model.embed_tokens(x) if self.bounds.first else x
         mask = create_attention_mask(h, cache[0], return_array=self._mask_as_array)
         # A prompt chunk is evaluated in pieces: by the caller's after_layer

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from clusterd.node.last_stage import step_of
 from clusterd.node.sessions import Session
 from clusterd.wire import clusterd_pb2 as pb
 
@@ -196,9 +197,7 @@ class GroupFormer:
 
     def _step(self, gid: int, rows: list[_Pending], like: pb.Activation) -> pb.Activation:
         self._groups[gid] = len(rows)
-        return pb.Activation(shard=like.shard, group=gid, rows=[p.row for p in rows],
-                             width=1, tokens=pb.TokenIds(ids=[p.tokens[0] for p in rows]),
-                             sample=True)
+        return step_of(like.shard, gid, [(p.row, p.tokens) for p in rows])
 
     def forget(self, gid: int) -> None:
         self._groups.pop(gid, None)

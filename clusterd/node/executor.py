@@ -34,7 +34,9 @@ from clusterd.node.cache_store import PromptCache, compact, materialize
 from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
-from clusterd.node.sampling import RowSampler, greedy_tokens
+from clusterd.node.drafting import SessionDrafts
+from clusterd.node.last_stage import decide, settle, step_of
+from clusterd.node.sampling import RowSampler
 from clusterd.node.sessions import Session, SessionTable
 from clusterd.node.shards import Limits, LimitError, Shard, ShardTable, budget, spec_for
 from clusterd.security import TlsFiles
@@ -279,7 +281,7 @@ class Executor:
             prompt=tuple(req.prompt), pin=pin,
             sampler=RowSampler(req.sampling, shard.limits.context) if last else None,
             max_tokens=req.max_tokens, stop_ids=frozenset(req.stop_token_ids),
-            draft_kind=req.draft.kind, draft_tokens=req.draft.tokens)
+            drafts=_drafts(req, last))
         self.sessions.open(s, shard.limits.max_sessions)
         self._ring_next[shard.name] = req.next_address
         return pin.tokens if pin else 0
@@ -394,7 +396,7 @@ class Executor:
                 self._send_on(shard, pb.Activation(shard=act.shard, group=act.group,
                                                    width=act.width, sample=act.sample), None)
             elif act.group:
-                self._return(shard, act.group, [], [])
+                self._send_on(shard, step_of(shard.name, act.group, []), None)
             return
         sessions = [s for _, s in rows]
         w = act.width or 1
@@ -403,8 +405,10 @@ class Executor:
             caches = self._groups_of(shard).reconcile(act.group, sessions, self.sessions.get)
         else:
             caches = sessions[0].caches
-        after = self._between_layers if w > 1 else None
-        h = stage.forward(x, caches, after)
+        # A prompt chunk is evaluated a layer at a time; a decode trip of a few
+        # positions (a token and its drafts) attends in the latent space.
+        after = self._between_layers if w > 1 and not act.group else None
+        h = stage.forward(x, caches, after, absorb_up_to=w if act.group else 1)
         for s in sessions:
             s.length += w
         if not stage.bounds.last:
@@ -437,48 +441,13 @@ class Executor:
 
     def _sample(self, shard: Shard, act: pb.Activation, sessions: list[Session],
                 h: mx.array) -> None:
-        logits = shard.stage.logits(h)
-        greedy = [i for i, s in enumerate(sessions) if s.sampler.greedy]
-        picks: list[Optional[mx.array]] = [None] * len(sessions)
-        if greedy:
-            g = greedy_tokens(logits if len(greedy) == len(sessions)
-                              else logits[mx.array(greedy)])
-            for j, i in enumerate(greedy):
-                picks[i] = g[j:j + 1]
-        for i, s in enumerate(sessions):
-            if picks[i] is None:
-                picks[i] = s.sampler.sample(logits[i:i + 1], (*s.prompt, *s.answer))
-        tokens = mx.concatenate(picks).tolist()
-        cont_rows, cont_tokens, events = [], [], []
-        now = time.monotonic()
-        for s, t in zip(sessions, tokens):
-            s.produced += 1
-            reason = ""
-            if t in s.stop_ids:
-                reason = "stop"
-            else:
-                s.answer.append(t)
-                if s.produced >= s.max_tokens or s.length >= shard.limits.context:
-                    reason = "length"
-            if not reason:
-                cont_rows.append(pb.Row(session_id=s.session_id, position=s.length))
-                cont_tokens.append(t)
-            events.append((s, pb.TokenEvent(
-                session_id=s.session_id, tokens=[] if reason == "stop" else [t],
-                index=s.produced - 1, time=now, done=bool(reason), finish_reason=reason)))
+        done = settle(sessions, decide(shard.stage, sessions, h, act.width or 1),
+                      shard.limits.context)
         # The next step first: the ring goes on while the events are handed out.
-        if cont_rows or act.group:
-            self._return(shard, act.group, cont_rows, cont_tokens, sessions)
-        for s, ev in events:
+        if done.returns or act.group:
+            self._send_on(shard, step_of(shard.name, act.group, done.returns), None, sessions)
+        for s, ev in done.events:
             self.events.publish(s.client_id, ev)
-
-    def _return(self, shard: Shard, group: int, rows: list[pb.Row], tokens: list[int],
-                sessions: Optional[list[Session]] = None) -> None:
-        """Send the continuing rows' tokens to the first stage (group 0: the
-        first token of a session, which joins a group there)."""
-        act = pb.Activation(shard=shard.name, group=group, rows=rows, width=1,
-                            tokens=pb.TokenIds(ids=tokens), sample=True)
-        self._send_on(shard, act, None, sessions)
 
     # -- sending ---------------------------------------------------------------
     def _send_on(self, shard: Shard, act: pb.Activation, h: Optional[mx.array],
@@ -532,6 +501,16 @@ class Executor:
             s = self.sessions.get(row.session_id)
             if s is not None:
                 self._end(s, message)
+
+
+def _drafts(req: pb.OpenSessionRequest, last: bool) -> Optional[SessionDrafts]:
+    """Prompt lookup for a session that asked for drafts (the last stage
+    drafts; penalties need each token's logits, so they draft nothing)."""
+    sp = req.sampling
+    if not last or not req.draft.kind or not req.draft.tokens or (
+            sp.repetition_penalty or sp.presence_penalty or sp.frequency_penalty):
+        return None
+    return SessionDrafts(req.draft.tokens, req.prompt)
 
 
 def _kv_per_token(spec, start: int, end: int) -> int:

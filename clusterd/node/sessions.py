@@ -34,15 +34,13 @@ class Session:
     sampler: Any = None  # clusterd.node.sampling.RowSampler
     max_tokens: int = 0
     stop_ids: frozenset[int] = frozenset()
-    draft_kind: str = ""
-    draft_tokens: int = 0
+    drafts: Any = None  # clusterd.node.drafting.SessionDrafts when it drafts
     # Compute thread only.
     caches: Optional[list[Any]] = None  # its own caches while in no group
     group: int = 0  # decode group holding its caches (0: none)
     length: int = 0  # positions its caches hold
     produced: int = 0
     answer: list[int] = field(default_factory=list)
-    drafter: Any = None
     # Any thread.
     closed: bool = False
     end_reason: str = ""
