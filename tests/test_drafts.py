@@ -101,3 +101,48 @@ def test_sessions_with_and_without_drafts_share_trips(rings):
         assert teacher_forced_misses(model, prompt, out[i]) == [], i
     assert gens[3].stats.drafted == 0 and len(out[3]) == 32
     assert gens[0].stats.accepted > 0
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_drafts_from_the_models_own_mtp_layer(tmp_path, synthetic, nodes):
+    """The last stage converts the original checkpoint's MTP layer (FP8
+    blocks) once, loads it beside its layers, and drafts with it every trip;
+    the answer is still the model's."""
+    from clusterd.models.synthetic_mtp import build_synthetic_original
+
+    model = synthetic("deepseek_v3", "tiny")
+    original = build_synthetic_original("tiny")
+    notes: list[str] = []
+    with LocalCluster(nodes, workdir=tmp_path) as cluster:
+        ring = open_ring(model_source(str(model), None, notes.append), cluster.addresses,
+                         RingOptions(context=512, sessions=2, split={1: None, 3: "2,2,2"}[nodes],
+                                     draft="mtp", mtp_from=str(original), show=False),
+                         notes.append)
+        assert ring.stages[-1].drafts == "mtp", (ring.stages[-1].drafts_note, notes)
+        engine = Engine(ring, name="m", context=512, max_sessions=2, draft="mtp")
+        prompt = list(range(30, 52))
+        gen = engine.submit(greedy(prompt, 64, draft="mtp"))
+        tokens = list(gen)
+        engine.close()
+    assert len(tokens) == 64
+    assert teacher_forced_misses(model, prompt, tokens) == []
+    s = gen.stats
+    # A draft rode on every trip but the first (the prompt) and the last (no room left).
+    assert s.drafted >= s.trips - 2 > 0
+    assert all(d == 1 for d, _ in s.draft_trips)
+
+
+def test_an_mtp_layer_that_cannot_be_had_falls_back_to_lookup(tmp_path, synthetic):
+    model = synthetic("qwen2", "tiny")  # no MTP layer, and the folder given is not a checkpoint
+    notes: list[str] = []
+    with LocalCluster(1, workdir=tmp_path) as cluster:
+        ring = open_ring(model_source(str(model), None, notes.append), cluster.addresses,
+                         RingOptions(context=512, draft="mtp", mtp_from=str(tmp_path), show=False),
+                         notes.append)
+        assert ring.stages[-1].drafts == "ngram"
+        assert any("drafting by prompt lookup" in n for n in notes), notes
+        engine = Engine(ring, name="m", context=512, draft="mtp")
+        prompt = [100] * 10
+        tokens = list(engine.submit(greedy(prompt, 32, draft="mtp")))
+        engine.close()
+    assert teacher_forced_misses(model, prompt, tokens) == []

@@ -37,6 +37,13 @@ def ring_options(f):
                           "(default: one context's worth; 0: none)."),
         click.option("--prefill-step-size", default=2048, show_default=True,
                      type=click.IntRange(1)),
+        click.option("--draft", default="auto", show_default=True,
+                     type=click.Choice(["auto", "mtp", "ngram", "none"]),
+                     help="Speculative drafts: the model's MTP layer (auto: when it can be "
+                          "had and fits), prompt lookup (ngram), or none."),
+        click.option("--mtp-from", default=None, metavar="FOLDER|REPO",
+                     help="The original checkpoint to take the MTP layer from (default: the "
+                          "catalog's, e.g. deepseek-ai/DeepSeek-R1)."),
         functools.partial(discovery_options, with_peer=False),
     ]):
         f = option(f)
@@ -44,8 +51,8 @@ def ring_options(f):
 
 
 def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context, sessions,
-                         prompt_cache_tokens, prefill_step_size, interfaces, no_mdns,
-                         browse_timeout, show: bool, say: Callable[[str], None],
+                         prompt_cache_tokens, prefill_step_size, draft, mtp_from, interfaces,
+                         no_mdns, browse_timeout, show: bool, say: Callable[[str], None],
                          default_sessions: int = 1) -> Ring:
     """Raises one of OPEN_ERRORS with a message for the user."""
     source = model_source(model, quant, say)
@@ -53,8 +60,8 @@ def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context,
         interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
     opts = RingOptions(split=split, context=context, sessions=sessions or default_sessions,
                        prefill_step_size=prefill_step_size,
-                       prompt_cache_tokens=prompt_cache_tokens, yes=yes, ask_above=ask_above,
-                       show=show)
+                       prompt_cache_tokens=prompt_cache_tokens, draft=draft, mtp_from=mtp_from,
+                       yes=yes, ask_above=ask_above, show=show)
 
     def rediscover() -> list[str]:
         # The --peer list, or whatever mDNS finds now (quietly: it runs in the background).

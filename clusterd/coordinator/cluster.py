@@ -63,14 +63,16 @@ def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
               ranges: Sequence[Optional[tuple[int, int]]],
               on_loaded: Optional[Callable[[Node, pb.LoadShardReply], None]] = None,
               *, model_id: str = "", limits: Optional[pb.ShardLimits] = None,
-              shard: str = "", prompt_cache_tokens: int = 0) -> list[LoadedStage]:
+              shard: str = "", prompt_cache_tokens: int = 0,
+              mtp: Optional[pb.MtpSpec] = None) -> list[LoadedStage]:
     """Load every stage at once (a node whose range is None takes no part);
     any failure names its node. With model_id (a repository id) each node
     loads from its own model store, else every node reads model_dir.
     `limits` (context, sessions, prefill step) come from the plan and every
     node enforces them, with room for `prompt_cache_tokens` of finished
     sessions' caches; `shard` names the model on the nodes
-    (two models on one node need two names)."""
+    (two models on one node need two names). `mtp`: the last stage loads the
+    model's MTP layer to draft with (or says why not, and drafts by lookup)."""
     model_path = "" if model_id else str(Path(model_dir).resolve())
     assignments = [(n, r) for n, r in zip(nodes, ranges) if r is not None]
     name = shard or model_id or Path(model_path).name
@@ -86,10 +88,12 @@ def load_ring(model_dir: Optional[Path], nodes: Sequence[Node],
             lim.prompt_cache_bytes = spec.kv_bytes(start, end, prompt_cache_tokens)
         reply = node.peer.load_shard(pb.StageSpec(
             model_path=model_path, model_id=model_id, start_layer=start, end_layer=end,
-            stage_index=i, num_stages=len(assignments), shard=name, limits=lim))
+            stage_index=i, num_stages=len(assignments), shard=name, limits=lim,
+            mtp=mtp if mtp is not None and i == len(assignments) - 1 else None))
         if on_loaded:
             on_loaded(node, reply)
-        return LoadedStage(node.peer, start, end, reply.shard.weight_bytes, reply.shard.shard)
+        return LoadedStage(node.peer, start, end, reply.shard.weight_bytes, reply.shard.shard,
+                           reply.shard.drafts, reply.shard.drafts_note)
 
     with ThreadPoolExecutor(len(assignments)) as pool:
         return list(pool.map(load, range(len(assignments))))

@@ -31,8 +31,9 @@ from clusterd.wire import clusterd_pb2 as pb
 log = logging.getLogger("clusterd.engine")
 
 DEFAULT_QUEUE = 64
-INTERLEAVE_STEP = 256  # prompt chunk size while other sessions decode
+INTERLEAVE_STEP = 128  # prompt chunk size while other sessions decode
 LOOKUP_DRAFTS = 3  # prompt-lookup drafts per trip
+MTP_DRAFTS = 1  # the MTP layer predicts the token after next
 REFORM_EVERY_S = 3.0
 HEALTH_TIMEOUT_S = 3.0
 MAX_RECOVERIES = 3  # per generation
@@ -217,11 +218,15 @@ class Engine:
             return self.ring.client, self._epoch
 
     def _draft(self, asked: str) -> Optional[pb.DraftParams]:
-        """The drafts a request gets: its own choice, else the engine's."""
+        """The drafts a request gets: its own choice, else the engine's; the
+        MTP layer when the last stage holds it (one draft: what it was trained
+        for), else prompt lookup."""
         kind = self.draft if asked in ("", "auto") else asked
-        if kind in ("auto", "ngram"):
-            return pb.DraftParams(kind="ngram", tokens=LOOKUP_DRAFTS)
-        return None
+        if kind == "none":
+            return None
+        if kind in ("auto", "mtp") and self.stages[-1].drafts == "mtp":
+            return pb.DraftParams(kind="mtp", tokens=MTP_DRAFTS)
+        return pb.DraftParams(kind="ngram", tokens=LOOKUP_DRAFTS)
 
     def _prompt_step(self) -> int:
         running, _ = self._admission.counts

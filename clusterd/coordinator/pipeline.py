@@ -36,6 +36,8 @@ class LoadedStage:
     end: int
     weight_bytes: int
     shard: str = ""
+    drafts: str = ""  # last stage: what its sessions draft with ("mtp" | "ngram")
+    drafts_note: str = ""  # why not the MTP layer, when it was asked for
 
 
 def sampling_params(s: Sampling) -> pb.SamplingParams:

@@ -91,7 +91,7 @@ def measured_links(path: Path, names: Sequence[str], now: Optional[datetime] = N
 
 def plan_ranges(model_dir: Path, nodes: Sequence[Any], split: Optional[str], *,
                 context: int = 4096, prefill_step_size: int = 2048, sessions: int = 1,
-                prompt_cache_tokens: Optional[int] = None,
+                prompt_cache_tokens: Optional[int] = None, draft: Optional[str] = None,
                 on_note: Callable[[str], None] = lambda t: None,
                 links_file: Optional[Path] = None) -> list[Optional[tuple[int, int]]]:
     """`nodes` have `.info` (NodeInfo) and `.peer.address`. `links_file`: the
@@ -108,7 +108,7 @@ def plan_ranges(model_dir: Path, nodes: Sequence[Any], split: Optional[str], *,
     on_note(note)
     extra = {"links": links} if links else {}  # none measured: the planner's presets
     p = plan(spec, specs, context=context, sessions=sessions, prefill_chunk=prefill_step_size,
-             prompt_cache_tokens=prompt_cache_tokens, **extra)
+             prompt_cache_tokens=prompt_cache_tokens, draft=draft, **extra)
     if p.verdict == DOES_NOT_FIT:
         raise SplitError("the model does not fit these nodes. " + " ".join(p.advice))
     if p.left_out:

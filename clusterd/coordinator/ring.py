@@ -19,7 +19,10 @@ from clusterd.coordinator.prepare import (ClusterFiles, ModelSource, PrepareFail
                                           resolve_model, summary_lines)
 from clusterd.models.stage import StageLoadError, read_config
 from clusterd.models.store import StoreError
+from clusterd.models.catalog import original_repo
 from clusterd.security import SecretError
+from clusterd.speculative.drafts import MtpUnavailable
+from clusterd.speculative.fetch import fetch_mtp
 from clusterd.wire import clusterd_pb2 as pb
 
 # What opening a ring may raise; each carries a message for the user.
@@ -38,6 +41,8 @@ class RingOptions:
     sessions: int = 1  # sessions at once: the KV room every stage reserves
     prefill_step_size: int = 2048
     prompt_cache_tokens: Optional[int] = None  # None: one context's worth
+    draft: str = "auto"  # auto: the model's MTP layer when it can be had and fits, else lookup
+    mtp_from: Optional[str] = None  # the original checkpoint (folder or repository id)
     yes: bool = False  # download from the hub without asking
     ask_above: int = 2 * 10**9
     show: bool = True  # progress and per-node summaries through `say`
@@ -70,7 +75,8 @@ def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOpti
     for LoadShard or "" for a folder every node reads, layer ranges)."""
     plan_args = dict(context=opts.context, sessions=opts.sessions,
                      prefill_step_size=opts.prefill_step_size,
-                     prompt_cache_tokens=opts.cache_tokens, on_note=say)
+                     prompt_cache_tokens=opts.cache_tokens,
+                     draft="mtp" if mtp_wanted(source, opts) else None, on_note=say)
     if source.ref is None:  # a folder every node reads as is
         return source.local_dir, "", plan_ranges(source.local_dir, nodes, split, **plan_args)
     if opts.show:
@@ -101,9 +107,15 @@ class _Placer:
     def place(self, nodes: list, split: Optional[str]) -> tuple[Path, list[LoadedStage]]:
         model_dir, model_id, ranges = place_files(self._source, nodes, split, self._opts,
                                                   self._say, self._confirm)
-        return model_dir, load_ring(model_dir, nodes, ranges, self._on_loaded,
-                                    model_id=model_id, limits=self._opts.limits,
-                                    prompt_cache_tokens=self._opts.cache_tokens)
+        mtp = mtp_spec(self._source, self._opts, model_dir, nodes, ranges, self._say,
+                       self._confirm)
+        stages = load_ring(model_dir, nodes, ranges, self._on_loaded, model_id=model_id,
+                           limits=self._opts.limits, prompt_cache_tokens=self._opts.cache_tokens,
+                           mtp=mtp)
+        if mtp is not None and stages[-1].drafts != "mtp":
+            self._say(f"drafts: {stages[-1].drafts_note or 'the MTP layer did not load'}; "
+                      "drafting by prompt lookup")
+        return model_dir, stages
 
     def replan(self, nodes: list) -> list[LoadedStage]:
         return self.place(nodes, None)[1]
@@ -147,7 +159,42 @@ def open_engine(ring: Ring, name: str, *, queue_limit: int = 64,
     o = ring.options
     return Engine(ring, name=name, context=o.context, max_sessions=o.sessions,
                   queue_limit=queue_limit, prefill_step_size=o.prefill_step_size,
-                  on_note=on_note)
+                  draft=o.draft, on_note=on_note)
+
+
+def mtp_wanted(source: ModelSource, opts: RingOptions) -> bool:
+    """Whether this ring tries the model's MTP layer: asked for (or auto), and
+    an original checkpoint to take it from is known."""
+    if opts.draft not in ("auto", "mtp"):
+        return False
+    if opts.mtp_from:
+        return True
+    return source.ref is not None and original_repo(source.ref.repo_id) is not None
+
+
+def mtp_spec(source: ModelSource, opts: RingOptions, model_dir: Path, nodes: list, ranges,
+             say: Callable[[str], None], confirm: Confirm) -> Optional[pb.MtpSpec]:
+    """Get the MTP layer's files onto the last stage's node; None (and why,
+    when it was asked for) if it cannot be had: the ring then drafts by lookup."""
+    if not mtp_wanted(source, opts):
+        if opts.draft == "mtp":
+            say("drafts: no original checkpoint is known for this model (--mtp-from names "
+                "one); drafting by prompt lookup")
+        return None
+    if opts.mtp_from and Path(opts.mtp_from).expanduser().is_dir():
+        return pb.MtpSpec(original_path=str(Path(opts.mtp_from).expanduser().resolve()))
+    if source.ref is None:
+        say("drafts: a model folder needs --mtp-from FOLDER for its MTP layer; drafting by "
+            "prompt lookup")
+        return None
+    used = [n for n, r in zip(nodes, ranges) if r is not None]
+    try:
+        files = fetch_mtp(source.ref, model_dir, used[-1], used[:-1], Reporter(show=opts.show),
+                          yes=opts.yes, ask_above=opts.ask_above, confirm=confirm)
+    except MtpUnavailable as e:
+        say(f"drafts: {e}; drafting by prompt lookup")
+        return None
+    return pb.MtpSpec(original_id=str(files.original))
 
 
 def _say_loaded(say: Callable[[str], None]):

@@ -99,6 +99,10 @@ class StageModel:
                 mx.eval(h)  # Metal kills a command buffer that runs too long
         return h
 
+    def normed(self, h: mx.array) -> mx.array:
+        """Last stage: the final norm's output, what the head reads."""
+        return self.model.model.norm(h)
+
     def logits(self, h: mx.array, last_only: bool = True) -> mx.array:
         """Last stage: final norm + head, as mlx-lm runs them (on every
         position), then each row's last position ([B, V]) or all ([B, L, V])."""

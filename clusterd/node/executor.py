@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,7 +34,7 @@ from clusterd.node.cache_store import PromptCache, compact, materialize
 from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
-from clusterd.node.drafting import SessionDrafts
+from clusterd.node.drafting import LookupDrafts, MtpDrafts
 from clusterd.node.last_stage import decide, settle, step_of
 from clusterd.node.sampling import RowSampler
 from clusterd.node.sessions import Session, SessionTable
@@ -251,6 +251,32 @@ class Executor:
         finally:
             self._loading.release()
 
+    def attach_drafter(self, shard: Shard, load: Callable[[], Any], size: Callable[[Any], int],
+                       usable_bytes: Optional[int]) -> None:
+        """Load the shard's MTP drafter on the compute thread; when it fails or
+        does not fit beside what the node holds, the shard drafts by prompt
+        lookup and says why (drafts_note)."""
+        from clusterd.speculative.drafts import MtpUnavailable
+
+        def work() -> None:
+            try:
+                drafter = load()
+            except MtpUnavailable as e:
+                shard.drafts_note = str(e)
+                return
+            need = size(drafter)
+            held = self.shards.reserved_bytes()
+            if usable_bytes is not None and held + need > usable_bytes:
+                shard.drafts_note = (f"no room for the MTP layer ({need / 2**30:.2f} GiB) beside "
+                                     f"{held / 2**30:.2f} GiB held of {usable_bytes / 2**30:.2f} "
+                                     "GiB usable: drafting by prompt lookup")
+                _free_memory()
+                return
+            shard.drafter = drafter
+            shard.budget = replace(shard.budget, weights=shard.budget.weights + need)
+
+        self.call(work)
+
     def unload(self, name: str = "") -> int:
         """Answers at once: the shard leaves the table, its sessions end,
         and the compute thread frees the memory when it gets there."""
@@ -281,7 +307,7 @@ class Executor:
             prompt=tuple(req.prompt), pin=pin,
             sampler=RowSampler(req.sampling, shard.limits.context) if last else None,
             max_tokens=req.max_tokens, stop_ids=frozenset(req.stop_token_ids),
-            drafts=_drafts(req, last))
+            drafts=_drafts(req, shard))
         self.sessions.open(s, shard.limits.max_sessions)
         self._ring_next[shard.name] = req.next_address
         return pin.tokens if pin else 0
@@ -419,7 +445,11 @@ class Executor:
             out.hidden.raw_bytes = h.nbytes
             self._send_on(shard, out, h, sessions)
             return
-        if not act.sample:  # a prompt chunk: only the caches matter
+        if not act.sample:  # a prompt chunk: only the caches matter (and the MTP layer's)
+            s = sessions[0]
+            if s.drafts is not None and s.drafts.kind == "mtp":
+                p = act.rows[0].position
+                s.drafts.feed(stage.normed(h)[0], s.prompt[p + 1:p + 1 + w])
             mx.eval([c.state for c in caches])
             return
         self._sample(shard, act, sessions, h)
@@ -441,8 +471,8 @@ class Executor:
 
     def _sample(self, shard: Shard, act: pb.Activation, sessions: list[Session],
                 h: mx.array) -> None:
-        done = settle(sessions, decide(shard.stage, sessions, h, act.width or 1),
-                      shard.limits.context)
+        done = settle(shard.stage, sessions, decide(shard.stage, sessions, h, act.width or 1),
+                      h, shard.limits.context)
         # The next step first: the ring goes on while the events are handed out.
         if done.returns or act.group:
             self._send_on(shard, step_of(shard.name, act.group, done.returns), None, sessions)
@@ -503,14 +533,17 @@ class Executor:
                 self._end(s, message)
 
 
-def _drafts(req: pb.OpenSessionRequest, last: bool) -> Optional[SessionDrafts]:
-    """Prompt lookup for a session that asked for drafts (the last stage
-    drafts; penalties need each token's logits, so they draft nothing)."""
+def _drafts(req: pb.OpenSessionRequest, shard: Shard):
+    """The drafter of a session that asked for drafts (the last stage drafts;
+    penalties need each token's own logits, so they draft nothing). MTP when
+    the shard holds the layer, else prompt lookup."""
     sp = req.sampling
-    if not last or not req.draft.kind or not req.draft.tokens or (
+    if not shard.stage.bounds.last or not req.draft.kind or not req.draft.tokens or (
             sp.repetition_penalty or sp.presence_penalty or sp.frequency_penalty):
         return None
-    return SessionDrafts(req.draft.tokens, req.prompt)
+    if req.draft.kind == "mtp" and shard.drafter is not None:
+        return MtpDrafts(req.draft.tokens, shard.drafter)
+    return LookupDrafts(req.draft.tokens, req.prompt)
 
 
 def _kv_per_token(spec, start: int, end: int) -> int:

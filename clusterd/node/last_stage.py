@@ -49,10 +49,20 @@ def decide(stage, sessions: list[Session], h: mx.array, width: int) -> list[Outc
     return out
 
 
-def settle(sessions: list[Session], outcomes: list[Outcome], context: int) -> Settled:
+def settle(stage, sessions: list[Session], outcomes: list[Outcome], h: mx.array,
+           context: int) -> Settled:
     now = time.monotonic()
     returns, events = [], []
-    for s, o in zip(sessions, outcomes):
+    normed: list = []  # the main model's normed state (the MTP layer reads it), made once
+
+    def hidden_of(i: int):
+        def rows(n: int) -> mx.array:
+            if not normed:
+                normed.append(stage.normed(h))
+            return normed[0][i, :n]
+        return rows
+
+    for i, (s, o) in enumerate(zip(sessions, outcomes)):
         index = len(s.answer)
         emitted, reason = [], ""
         for t in o.tokens:
@@ -68,11 +78,12 @@ def settle(sessions: list[Session], outcomes: list[Outcome], context: int) -> Se
         position = s.length - o.trim  # where the next input token goes
         if not reason and position + 1 > context:
             reason = "length"
-        if s.drafts is not None:
-            s.drafts.emitted(emitted)
         if not reason:
-            room = min(s.max_tokens - s.produced - 1, context - position - 1)
-            drafts = s.drafts.propose(room) if s.drafts is not None else ()
+            drafts: tuple[int, ...] = ()
+            if s.drafts is not None:
+                room = min(s.max_tokens - s.produced - 1, context - position - 1)
+                s.drafts.propose(emitted, hidden_of(i), room, s.sampler)
+                drafts = s.drafts.pending
             returns.append((pb.Row(session_id=s.session_id, position=position, trim=o.trim),
                             [emitted[-1], *drafts]))
         events.append((s, pb.TokenEvent(

@@ -18,6 +18,7 @@ from clusterd.models.stage import StageLoadError
 from clusterd.models.stage_check import check_stage
 from clusterd.models.store import ModelStore, StoreError
 from clusterd.node.executor import Busy, Executor
+from clusterd.node.mtp_loader import drafter_bytes, load_drafter
 from clusterd.node.probe import ProbeRpcs
 from clusterd.node.shards import LimitError, Limits
 from clusterd.node.session_rpcs import SessionRpcs
@@ -135,6 +136,13 @@ class NodeService(SessionRpcs, ProbeRpcs, rpc.NodeServicer):
         if problem is not None:
             context.abort(code, bounded(f"node {self.name}: {problem}"))
         log.info("loaded %.1f MiB in %.2fs", shard.stage.weight_bytes / 2**20, shard.load_seconds)
+        if spec.HasField("mtp") and shard.drafter is None:
+            self.executor.attach_drafter(
+                shard, lambda: load_drafter(spec.mtp, shard.stage, check.path, spec.model_id,
+                                            self.files.store),
+                drafter_bytes, self.resources.usable_bytes)
+            if shard.drafts_note:
+                log.warning("drafts: %s", shard.drafts_note)
         self._wire()
         self._on_change()
         return pb.LoadShardReply(shard=shard.to_wire(self.executor.sessions.count(shard.name)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from clusterd.models.stage import StageModel
 from clusterd.node.cache_store import PromptCache
@@ -96,6 +96,8 @@ class Shard:
     prompt_cache: PromptCache
     load_seconds: float = 0.0
     closed: bool = False
+    drafter: Any = None  # the MTP layer's drafter (clusterd.models.mtp.MtpDrafter), last stage
+    drafts_note: str = ""  # why there is none, when it was asked for
 
     def to_wire(self, sessions: int) -> pb.LoadedShard:
         b = self.stage.bounds
@@ -106,7 +108,9 @@ class Shard:
             shard=self.name, limits=self.limits.to_wire(),
             kv_bytes_per_token=self.kv_bytes_per_token, sessions=sessions,
             prompt_cache_bytes=self.prompt_cache.nbytes,
-            prompt_cache_entries=len(self.prompt_cache))
+            prompt_cache_entries=len(self.prompt_cache),
+            drafts="mtp" if self.drafter is not None else ("ngram" if b.last else ""),
+            drafts_note=self.drafts_note)
 
 
 class ShardTable:
