@@ -16,29 +16,27 @@ coordinators' event streams."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from clusterd.models.stage import StageLoadError, load_stage, read_config
 from clusterd.node.batching import GroupCaches, GroupFormer, trim_row
-from clusterd.node.cache_store import PromptCache, compact, materialize
+from clusterd.node.cache_store import compact, materialize
 from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
+from clusterd.node.loading import Busy, Loader, free_memory  # noqa: F401 (Busy: the service catches it)
 from clusterd.node.drafting import LookupDrafts, MtpDrafts
 from clusterd.node.last_stage import decide, settle, step_of
 from clusterd.node.sampling import RowSampler
 from clusterd.node.sessions import Session, SessionTable
-from clusterd.node.shards import Limits, LimitError, Shard, ShardTable, budget, spec_for
+from clusterd.node.shards import Shard, ShardTable
 from clusterd.security import TlsFiles
 from clusterd.wire import clusterd_pb2 as pb
 from clusterd.wire.tensors import describe, from_wire, raw_view
@@ -47,10 +45,6 @@ log = logging.getLogger("clusterd.node")
 
 HOP_TIMEOUT_S = 30.0
 INLINE_SEND_BYTES = 1 << 16  # larger frames go to the link's sender thread
-
-
-class Busy(RuntimeError):
-    """A load is already in progress."""
 
 
 class Stopping(RuntimeError):
@@ -92,7 +86,7 @@ class Executor:
         self._last_was_prefill = False
         self._cond = threading.Condition()
         self._stopping = threading.Event()
-        self._loading = threading.Lock()
+        self.loader = Loader(self.shards, self.call, self._stopping.is_set, self.unload)
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
         self._thread.start()
 
@@ -192,7 +186,7 @@ class Executor:
     # -- shards ---------------------------------------------------------------
     @property
     def loading(self) -> bool:
-        return self._loading.locked()
+        return self.loader.loading
 
     @property
     def stage(self):
@@ -200,82 +194,11 @@ class Executor:
         shards = self.shards.all()
         return shards[0].stage if shards else None
 
-    def load(self, name: str, path: Path, start: int, end: int, limits: Limits,
-             usable_bytes: Optional[int], cancelled: Callable[[], bool] = lambda: False) -> Shard:
-        if not self._loading.acquire(blocking=False):
-            raise Busy("a load is already in progress on this node; wait for it to finish")
-        try:
-            current = self.shards.get(name)
-            if (current is not None and current.stage.path == Path(path).resolve()
-                    and (current.stage.bounds.start, current.stage.bounds.end) == (start, end)
-                    and current.limits == limits):
-                return current  # already held: the next run starts at once
-            # Refuse before touching what is held: the stage's bytes are known
-            # from its config (the planner's exact count).
-            config = read_config(Path(path))
-            try:
-                spec = spec_for(config)
-            except (ValueError, KeyError, TypeError) as e:
-                raise StageLoadError(f"config.json does not describe a model clusterd can "
-                                     f"plan: {str(e)[:200]}") from None
-            if not 0 <= start < end <= spec.num_layers:
-                raise StageLoadError(f"layer range [{start}, {end}) is outside the model's "
-                                     f"{spec.num_layers} layers")
-            need = budget(spec, start, end, limits, spec.stage_weight_bytes(start, end))
-            others = self.shards.reserved_bytes(except_name=name)
-            if usable_bytes is not None and others + need.total > usable_bytes:
-                raise LimitError(_too_big(need, others, usable_bytes, limits))
-            if current is not None:
-                self.unload(name)  # never hold two copies of a shard
-            t0 = time.monotonic()
+    def load(self, *args, **kwargs) -> Shard:
+        return self.loader.load(*args, **kwargs)
 
-            def stop_check() -> bool:
-                return self._stopping.is_set() or cancelled()
-
-            def work() -> Shard:
-                stage = load_stage(path, start, end, max_bytes=usable_bytes,
-                                   cancelled=stop_check)
-                held = budget(spec, start, end, limits, stage.weight_bytes)
-                return Shard(name=name, stage=stage, limits=limits, budget=held,
-                             kv_bytes_per_token=_kv_per_token(spec, start, end),
-                             prompt_cache=PromptCache(limits.prompt_cache_bytes))
-
-            try:
-                shard = self.call(work)
-            except BaseException:
-                self.call(_free_memory)  # whatever the failed load allocated
-                raise
-            shard.load_seconds = time.monotonic() - t0
-            self.shards.put(shard)
-            return shard
-        finally:
-            self._loading.release()
-
-    def attach_drafter(self, shard: Shard, load: Callable[[], Any], size: Callable[[Any], int],
-                       usable_bytes: Optional[int]) -> None:
-        """Load the shard's MTP drafter on the compute thread; when it fails or
-        does not fit beside what the node holds, the shard drafts by prompt
-        lookup and says why (drafts_note)."""
-        from clusterd.speculative.drafts import MtpUnavailable
-
-        def work() -> None:
-            try:
-                drafter = load()
-            except MtpUnavailable as e:
-                shard.drafts_note = str(e)
-                return
-            need = size(drafter)
-            held = self.shards.reserved_bytes()
-            if usable_bytes is not None and held + need > usable_bytes:
-                shard.drafts_note = (f"no room for the MTP layer ({need / 2**30:.2f} GiB) beside "
-                                     f"{held / 2**30:.2f} GiB held of {usable_bytes / 2**30:.2f} "
-                                     "GiB usable: drafting by prompt lookup")
-                _free_memory()
-                return
-            shard.drafter = drafter
-            shard.budget = replace(shard.budget, weights=shard.budget.weights + need)
-
-        self.call(work)
+    def attach_drafter(self, *args, **kwargs) -> None:
+        self.loader.attach_drafter(*args, **kwargs)
 
     def unload(self, name: str = "") -> int:
         """Answers at once: the shard leaves the table, its sessions end,
@@ -294,7 +217,7 @@ class Executor:
         self._groups.pop(shard.name, None)
         self._formers.pop(shard.name, None)
         shard.prompt_cache.clear()
-        _free_memory()
+        free_memory()
 
     # -- sessions -------------------------------------------------------------
     def open_session(self, req: pb.OpenSessionRequest, shard: Shard) -> int:
@@ -544,21 +467,3 @@ def _drafts(req: pb.OpenSessionRequest, shard: Shard):
     if req.draft.kind == "mtp" and shard.drafter is not None:
         return MtpDrafts(req.draft.tokens, shard.drafter)
     return LookupDrafts(req.draft.tokens, req.prompt)
-
-
-def _kv_per_token(spec, start: int, end: int) -> int:
-    return sum(layer.kv_bytes_per_token for layer in spec.layers[start:end])
-
-
-def _free_memory() -> None:
-    gc.collect()
-    mx.clear_cache()
-
-
-def _too_big(need, others: int, usable: int, limits: Limits) -> str:
-    gib = 2**30
-    return (f"the stage needs {need.total / gib:.2f} GiB (weights {need.weights / gib:.2f}, "
-            f"KV for {limits.max_sessions} sessions of {limits.context} tokens "
-            f"{need.kv / gib:.2f}, prompt cache {need.prompt_cache / gib:.2f}, prefill "
-            f"workspace {need.workspace / gib:.2f}) beside {others / gib:.2f} GiB already "
-            f"held, but the node has {usable / gib:.2f} GiB usable")

@@ -17,7 +17,8 @@ from clusterd.messages import bounded
 from clusterd.models.stage import StageLoadError
 from clusterd.models.stage_check import check_stage
 from clusterd.models.store import ModelStore, StoreError
-from clusterd.node.executor import Busy, Executor
+from clusterd.node.executor import Executor
+from clusterd.node.loading import Busy
 from clusterd.node.mtp_loader import drafter_bytes, load_drafter
 from clusterd.node.probe import ProbeRpcs
 from clusterd.node.shards import LimitError, Limits
