@@ -55,6 +55,7 @@ def start_node(workdir: Path, name: str, *, extra: Sequence[str] = (),
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     cmd = [*prefix, sys.executable, "-m", "clusterd", "up", "--host", host, "--port", str(port),
+           "--link-port", "0",
            "--name", name, *([] if mdns else ["--no-mdns"]), *extra]
     proc_env = {**os.environ, **(env or {})}
     if "CLUSTERD_HOME" not in (env or {}):

@@ -182,3 +182,21 @@ def test_interface_kinds_and_a_node_reached_over_wifi():
     assert "over en1 Wi-Fi" in warnings[0].text and "Thunderbolt Bridge" in warnings[0].fix
     (several,) = [f for f in network_findings(s) if f.level == "info" and f.check == "interfaces"]
     assert "studio-3 over bridge0 Thunderbolt Bridge" in several.text
+
+
+def test_a_neighbour_whose_link_port_is_blocked():
+    """gRPC reaches the next stage but its stage link does not (a firewall
+    that allows one port and not the other): a problem, with the port to open."""
+    from clusterd.doctor.ring import Hop, ring_findings
+    from clusterd.wire import clusterd_pb2 as pb
+
+    a, b = seen("a"), seen("bb")
+    ok = pb.ProbeReply(reachable=True, rtt_p50_ms=0.4, rtt_p99_ms=0.9, throughput_mbps=900,
+                       link_reachable=True, link_port=50052)
+    blocked = pb.ProbeReply(reachable=True, rtt_p50_ms=0.4, rtt_p99_ms=0.9, throughput_mbps=900,
+                            link_reachable=False, link_port=50052,
+                            link_error="the stage link port 10.0.0.2:50052 cannot be reached: "
+                                       "Connection refused")
+    assert not problems(ring_findings([Hop(a, b, ok, None)]))
+    (found,) = problems(ring_findings([Hop(a, b, blocked, None)]))
+    assert "stage link" in found.text and "50052" in found.fix and "firewall" in found.fix

@@ -25,6 +25,9 @@ def _size(ctx, param, value):
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port (0 picks a free one).")
+@click.option("--link-port", default=None, type=click.IntRange(0, 65535),
+              help="TCP port the previous stage's link connects to [default: --port + 1; "
+                   "any free port when --port is 0].")
 @click.option("--name", default=None, help="Node name shown to the cluster [default: hostname].")
 @click.option("--memory-limit", "memory_limit", default=None, callback=_size, metavar="SIZE",
               help="Pretend this node has only SIZE usable (e.g. 48G), to keep memory for other work.")
@@ -33,11 +36,12 @@ def _size(ctx, param, value):
               help="Calls one address may have running at once; past it, RESOURCE_EXHAUSTED.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning"]))
 @node_options
-def up(host, port, name, memory_limit, max_calls_per_peer, log_level, **cluster):
+def up(host, port, link_port, name, memory_limit, max_calls_per_peer, log_level, **cluster):
     """Run the node daemon until Ctrl-C or `clusterd down`."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = DaemonConfig(host=host, port=port, name=name or socket.gethostname(),
+    config = DaemonConfig(host=host, port=port, link_port=link_port,
+                          name=name or socket.gethostname(),
                           memory_limit=memory_limit,
                           limits=Limits(max_calls_per_peer=max_calls_per_peer),
                           **node_settings(host, **cluster))
@@ -46,7 +50,8 @@ def up(host, port, name, memory_limit, max_calls_per_peer, log_level, **cluster)
         r = daemon.resources
         click.echo(
             f"clusterd node {daemon.name!r} listening on {host}:{daemon.port} "
-            f"({r.chip}, {r.usable_bytes / 2**30:.1f} GiB usable of {r.total_bytes / 2**30:.1f} GiB)",
+            f"(stage links on {daemon.executor.link_server.port}; {r.chip}, "
+            f"{r.usable_bytes / 2**30:.1f} GiB usable of {r.total_bytes / 2**30:.1f} GiB)",
         )
         sys.stdout.flush()
 

@@ -92,6 +92,14 @@ def ring_findings(hops: Sequence[Hop]) -> list[Finding]:
                                f"{a.name} cannot reach {b.name} at {b.node.address}, though this "
                                f"Mac reaches both: {r.error}", _fix(h), (a.name, b.name)))
             continue
+        if not r.link_reachable:
+            out.append(Finding(PROBLEM, "ring",
+                               f"{a.name} reaches {b.name}'s gRPC port but not its stage link: "
+                               f"{r.link_error or 'no link port'}",
+                               f"allow TCP port {r.link_port} to {b.name} in its firewall (by "
+                               "default a node's link port is its gRPC port + 1; `clusterd up "
+                               "--link-port` sets it)", (a.name, b.name)))
+            continue
         bulk = h.bulk.throughput_mbps if h.bulk is not None and h.bulk.reachable else r.throughput_mbps
         text = (f"{a.name} -> {b.name}: round trip {r.rtt_p50_ms:.2f} ms (p99 {r.rtt_p99_ms:.2f}), "
                 f"{bulk:.0f} Mb/s, leaving {a.name} from {r.local_address}"

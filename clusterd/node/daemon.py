@@ -20,6 +20,7 @@ from clusterd.node import runfile
 from clusterd.node.clock import node_clock
 from clusterd.node.executor import Executor
 from clusterd.node.guard import CallGuard, Limits
+from clusterd.node.link import LinkError
 from clusterd.node.resources import probe
 from clusterd.node.service import NodeService
 from clusterd.node.watch import ResourceWatch
@@ -53,6 +54,10 @@ class DaemonConfig:
     interfaces: Optional[tuple[str, ...]] = None  # IPv4 addresses for mDNS; None: all
     tls: TlsFiles = TlsFiles()
     limits: Limits = Limits()
+    # Where the previous stage's link connects: None means the gRPC port + 1
+    # (one known pair of ports to allow in a firewall), or any free port when
+    # the gRPC port is picked at random; 0 means any free port.
+    link_port: Optional[int] = None
 
 
 class NextHops:
@@ -114,8 +119,16 @@ class Daemon:
         self.hops = NextHops(security=ClientSecurity(secret, config.tls))
         # Links to the next stage listen where gRPC does (a specific address
         # when given, else every interface), with the same TLS files.
-        self.executor = Executor(self.name, self.hops, host=config.host, tls=config.tls,
-                                 max_frame_bytes=MAX_MESSAGE_BYTES)
+        link_port = config.link_port
+        if link_port is None:
+            link_port = self.port + 1 if config.port else 0
+        try:
+            self.executor = Executor(self.name, self.hops, host=config.host, tls=config.tls,
+                                     max_frame_bytes=MAX_MESSAGE_BYTES, link_port=link_port)
+        except LinkError as e:
+            self.server.stop(0)
+            raise PortError(f"{e}: another program uses it; choose another --link-port") \
+                from None
         self.resources = probe(config.memory_limit)
         self.service = NodeService(
             node_id=identity.node_id, boot_id=identity.boot_id, name=self.name, port=self.port,

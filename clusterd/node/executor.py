@@ -65,7 +65,7 @@ class _Work:
 class Executor:
     def __init__(self, node_name: str, next_hop: Callable[[str], Any], *,
                  host: str = "127.0.0.1", tls: TlsFiles = TlsFiles(),
-                 max_frame_bytes: int = 1 << 30):
+                 max_frame_bytes: int = 1 << 30, link_port: int = 0):
         self.node_name = node_name
         self.shards = ShardTable()
         self.sessions = SessionTable()
@@ -75,7 +75,7 @@ class Executor:
         self._links: dict[str, LinkClient] = {}
         self._links_lock = threading.Lock()
         self.link_server = LinkServer(host, self._on_link_frame, max_raw_bytes=max_frame_bytes,
-                                      tls=tls, node_name=node_name)
+                                      tls=tls, node_name=node_name, port=link_port)
         # Compute thread only:
         self._ring_next: dict[str, str] = {}  # shard -> next stage's address
         self._groups: dict[str, GroupCaches] = {}

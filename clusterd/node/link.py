@@ -90,7 +90,7 @@ class LinkServer:
     """Accepts links from previous stages and hands their frames on."""
 
     def __init__(self, host: str, on_frame: OnFrame, *, max_raw_bytes: int,
-                 tls: TlsFiles = TlsFiles(), node_name: str = "this node"):
+                 tls: TlsFiles = TlsFiles(), node_name: str = "this node", port: int = 0):
         self._on_frame = on_frame
         self._max_raw = max_raw_bytes
         self._name = node_name
@@ -102,7 +102,12 @@ class LinkServer:
             self._ssl.load_cert_chain(str(tls.cert), str(tls.key))
         family = socket.AF_INET6 if ":" in host and host not in ("0.0.0.0",) else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.bind((host, 0))
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise LinkError(f"cannot listen for stage links on {host}:{port}: {e.strerror}") \
+                from None
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self._closed = threading.Event()

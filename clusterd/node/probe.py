@@ -127,6 +127,7 @@ def run_probe(stub, address: str, *, payload_bytes: int, rounds: int, timeout: f
                 reply.clock_offset_s = health.unix_time - (t0 + t1) / 2
             reply.rtt_p50_ms, reply.rtt_p99_ms, reply.throughput_mbps = _round_trips(
                 stub, payload_bytes, rounds, left)
+            _check_link(stub, host, tls, left, reply)
         except grpc.RpcError as e:
             raise _describe(e, who, tls, host, port) from None
     except ProbeFailed as e:
@@ -135,6 +136,28 @@ def run_probe(stub, address: str, *, payload_bytes: int, rounds: int, timeout: f
         return reply
     reply.reachable = True
     return reply
+
+
+def _check_link(stub, host: str, tls: bool, left, reply: pb.ProbeReply) -> None:
+    """Open a stage link as a stage would: the port must be reachable too,
+    not only gRPC's (a firewall may allow one and not the other)."""
+    from clusterd.node.link import frame_bytes
+
+    ticket = stub.OpenLink(pb.OpenLinkRequest(from_node="probe"), timeout=left())
+    reply.link_port = ticket.port
+    try:
+        with socket.create_connection((host, ticket.port), timeout=min(5.0, left())) as sock:
+            if tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                with ctx.wrap_socket(sock, server_hostname="clusterd") as wrapped:
+                    wrapped.sendall(b"".join(frame_bytes(pb.LinkHello(ticket=ticket.ticket))))
+            else:
+                sock.sendall(b"".join(frame_bytes(pb.LinkHello(ticket=ticket.ticket))))
+        reply.link_reachable = True
+    except (OSError, ssl.SSLError) as e:
+        reply.link_error = (f"the stage link port {host}:{ticket.port} cannot be reached: "
+                            f"{getattr(e, 'strerror', None) or e}")
 
 
 def _round_trips(stub, payload_bytes: int, rounds: int, left) -> tuple[float, float, float]:
