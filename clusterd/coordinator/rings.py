@@ -78,8 +78,9 @@ class SharedRoom:
 
 
 def forced_nodes(wanted: Sequence[Wanted], nodes: Sequence[Node]) -> list[Optional[str]]:
-    """Each model's NODE (a node name or HOST:PORT) as plan_many names it;
-    an unknown one is a SplitError listing the nodes."""
+    """Each model's NODE (a node name, HOST:PORT, or its 1-based position in
+    the ring) as plan_many names it; an unknown one is a SplitError listing
+    the nodes."""
     names = [n.info.name for n in nodes]
     out: list[Optional[str]] = []
     for w in wanted:
@@ -87,6 +88,8 @@ def forced_nodes(wanted: Sequence[Wanted], nodes: Sequence[Node]) -> list[Option
             out.append(None)
             continue
         at = [i for i, n in enumerate(nodes) if w.node in (n.info.name, n.peer.address)]
+        if not at and w.node.isdigit() and 1 <= int(w.node) <= len(nodes):
+            at = [int(w.node) - 1]
         if not at:
             listed = ", ".join(f"{n.info.name} ({n.peer.address})" for n in nodes)
             raise SplitError(f"--also {w.name}@{w.node}: no node {w.node!r} among the nodes "
