@@ -9,6 +9,7 @@ stages are never counted twice nor pushed out."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from clusterd.coordinator.chat import Chat
@@ -29,8 +30,8 @@ from shard_planner.planner import DOES_NOT_FIT
 
 @dataclass(frozen=True)
 class Wanted:
-    """A model to serve: its name (served, and its shard on the nodes), where
-    it comes from, and the node it must go on (a name or HOST:PORT), if any."""
+    """A model to serve: its name (served, and in the placement), where it
+    comes from, and the node it must go on (a name, HOST:PORT or position)."""
 
     name: str
     source: ModelSource
@@ -161,7 +162,10 @@ def open_rings(wanted: Sequence[Wanted], addresses: Sequence[str], opts: RingOpt
     mp = shared_plan(specs, nodes, forced_nodes(wanted, nodes), opts, say)
     for line in placement_lines(mp):
         say(line)
-    room = SharedRoom({w.name: s for w, s in zip(wanted, specs)})
+    # The name load_ring gives a shard by default: `run` and `serve` then
+    # share what a node holds already (no reload).
+    shards = [model_id or Path(meta).resolve().name for meta, model_id, _ in files]
+    room = SharedRoom(dict(zip(shards, specs)))
     again = rediscover or (lambda: list(addresses))
     rings: list[Ring] = []
     try:
@@ -169,8 +173,8 @@ def open_rings(wanted: Sequence[Wanted], addresses: Sequence[str], opts: RingOpt
         for i, (w, (meta, model_id, cluster_files)) in enumerate(zip(wanted, files)):
             ranges = ranges_of(mp, i)
             fetch_stages(cluster_files, meta, ranges, opts, say, confirm)
-            placer = RingPlacer(w.source, opts, say, confirm, again, list(nodes), shard=w.name,
-                             room=room)
+            placer = RingPlacer(w.source, opts, say, confirm, again, list(nodes),
+                                shard=shards[i], room=room)
             stages = placer.load(meta, model_id, nodes, ranges)
             rings.append(Ring(RingClient(stages), Chat(meta), read_config(meta), meta, placer,
                               opts))

@@ -161,7 +161,7 @@ def test_an_also_model_goes_on_the_node_it_names(tmp_path, r1, distill):
                                            distill.name: [(a[0], [0, 4])]}
             assert shards(a[0]) == {r1.name: (0, 1), distill.name: (0, 4)}
             assert f"{distill.name} on forced0, as asked" in server.log()
-            assert planned(a, r1, f"{distill.path}@forced0") == stages(server.port)
+            assert planned(a, r1, f"{distill.path}@{a[0]}") == stages(server.port)
             c = client(server.url)
             for m in (r1, distill):
                 assert answer(c, m.name) == m.chat_reference(ASK, 8)[:2]
