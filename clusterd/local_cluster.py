@@ -85,13 +85,14 @@ class LocalCluster:
     workdir: Optional[Path] = None
     extra: Sequence[str] = ()
     prefix: str = "local"  # node names: local0, local1, ...
+    node_extra: Sequence[Sequence[str]] = ()  # flags of node i only, e.g. its --memory-limit
     nodes: list[LocalNode] = field(default_factory=list)
 
     def __enter__(self) -> "LocalCluster":
         self._root = self.workdir or Path(tempfile.mkdtemp(prefix="clusterd-local-"))
         try:
             for i in range(self.count):
-                node = start_node(self._root, f"{self.prefix}{i}", extra=self.extra,
+                node = start_node(self._root, f"{self.prefix}{i}", extra=self._extra(i),
                                   env=self._env())
                 self.nodes.append(node)
         except BaseException:
@@ -101,6 +102,9 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _extra(self, i: int) -> list[str]:
+        return [*self.extra, *(self.node_extra[i] if i < len(self.node_extra) else ())]
 
     @staticmethod
     def _env() -> dict:
@@ -113,8 +117,8 @@ class LocalCluster:
         old = self.nodes[i]
         old.stop()
         port = int(old.address.rsplit(":", 1)[1])
-        self.nodes[i] = start_node(self._root, old.name, extra=self.extra, env=self._env(),
-                                   port=port)
+        self.nodes[i] = start_node(self._root, old.name, extra=self._extra(i),
+                                   env=self._env(), port=port)
         return self.nodes[i]
 
     @property

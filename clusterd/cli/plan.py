@@ -162,7 +162,8 @@ def _nodes(node_args: Sequence[str], wired_fraction: float, peers: Sequence[str]
               type=click.FloatRange(0, 1), help="Share of MTP drafts kept, for the prediction.")
 @click.option("--also", "also_args", multiple=True, metavar="MODEL[@NODE]",
               help="Another model to place on the same nodes (repeatable), where there is room "
-                   "or on NODE (a node name or its 1-based position).")
+                   "or on NODE (a node name, its 1-based position, or HOST:PORT of a live "
+                   "node).")
 @click.option("--link", default=DEFAULT_LINK, show_default=True,
               type=click.Choice(sorted(LINKS)),
               help="Link between nodes: the cost of a hop, in the split and the prediction.")
@@ -239,6 +240,8 @@ def _plan_many(spec: ModelSpec, source: dict[str, Any], nodes: Sequence[NodeSpec
         if at and not node:
             raise click.BadParameter(f"{text!r}: give a node after @", param_hint="--also")
         extra, extra_source = _spec_or_error(name, None)
+        # A live node may be named by its address too, as `serve --also` takes it.
+        node = next((nd.name for nd in nodes if node and nd.address == node), node)
         also.append(AlsoModel(extra, node=node or None))
         sources.append(extra_source)
     try:

@@ -2,7 +2,7 @@
 a model and its nodes, turned into a call of coordinator.ring.open_ring."""
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import click
 
@@ -10,8 +10,10 @@ from clusterd.cli.cluster_options import discovered_addresses, discovery_options
 from clusterd.cli.models import confirm, fetch_options
 from clusterd.coordinator.ring import (OPEN_ERRORS, Ring, RingOptions, model_source, open_engine,
                                        open_ring)
+from clusterd.coordinator.rings import Wanted, open_rings
 
-__all__ = ["OPEN_ERRORS", "open_engine", "open_ring_from_flags", "ring_options"]
+__all__ = ["OPEN_ERRORS", "open_engine", "open_ring_from_flags", "open_rings_from_flags",
+           "ring_options"]
 
 
 def ring_options(f):
@@ -50,11 +52,10 @@ def ring_options(f):
     return f
 
 
-def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context, sessions,
-                         prompt_cache_tokens, prefill_step_size, draft, mtp_from, interfaces,
-                         no_mdns, browse_timeout, show: bool, say: Callable[[str], None],
-                         default_sessions: int = 1) -> Ring:
-    """Raises one of OPEN_ERRORS with a message for the user."""
+def _setup(*, model, quant, yes, ask_above, peers, split, context, sessions,
+           prompt_cache_tokens, prefill_step_size, draft, mtp_from, interfaces, no_mdns,
+           browse_timeout, show: bool, say: Callable[[str], None], default_sessions: int):
+    """The flags as (model source, node addresses, options, rediscover)."""
     source = model_source(model, quant, say)
     addresses = list(peers) or discovered_addresses(
         interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout)
@@ -69,4 +70,22 @@ def open_ring_from_flags(*, model, quant, yes, ask_above, peers, split, context,
             interfaces=interfaces, no_mdns=no_mdns, browse_timeout=browse_timeout,
             say=lambda text: None)
 
+    return source, addresses, opts, rediscover
+
+
+def open_ring_from_flags(*, show: bool, say: Callable[[str], None], default_sessions: int = 1,
+                         **flags) -> Ring:
+    """Raises one of OPEN_ERRORS with a message for the user."""
+    source, addresses, opts, rediscover = _setup(show=show, say=say,
+                                                 default_sessions=default_sessions, **flags)
     return open_ring(source, addresses, opts, say, confirm, rediscover)
+
+
+def open_rings_from_flags(name: str, also: Sequence[Wanted], *, show: bool,
+                          say: Callable[[str], None], default_sessions: int = 1,
+                          **flags) -> list[Ring]:
+    """MODEL (served as `name`) and the `also` models on the same nodes, as
+    the planner places them (coordinator.rings); one Ring each, MODEL's first."""
+    source, addresses, opts, rediscover = _setup(show=show, say=say,
+                                                 default_sessions=default_sessions, **flags)
+    return open_rings([Wanted(name, source), *also], addresses, opts, say, confirm, rediscover)

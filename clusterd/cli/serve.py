@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import click
 
-from clusterd.cli.cluster_options import find_nodes
 from clusterd.cli.models import confirm
-from clusterd.cli.ring import OPEN_ERRORS, open_ring_from_flags, ring_options
+from clusterd.cli.ring import (OPEN_ERRORS, open_ring_from_flags, open_rings_from_flags,
+                               ring_options)
 from clusterd.coordinator.engine import DEFAULT_QUEUE
 from clusterd.coordinator.ring import RingOptions, model_source, open_engine, open_ring
+from clusterd.coordinator.rings import Wanted
 from clusterd.serve.app import ServeConfig, create_app
 from clusterd.serve.body import Limits
 from clusterd.serve.router import Router, Served
@@ -31,52 +32,77 @@ def served_name(model: str) -> str:
     return os.path.basename(str(model).rstrip("/"))
 
 
-def _also_nodes(spec: str, also_peers: Sequence[str], ring_args: dict) -> tuple[str, list[str]]:
-    """MODEL[@NODE,NODE...] -> (model, addresses). A NODE is HOST:PORT or a
-    node name mDNS finds; without @, the --also-peer nodes."""
-    model, _, where = spec.partition("@")
-    wanted = [w.strip() for w in where.split(",") if w.strip()] or list(also_peers)
-    if not wanted:
-        raise click.UsageError(
-            f"--also {spec}: say which nodes hold it (--also {model}@HOST:PORT or --also-peer "
-            "HOST:PORT); a node holds one model's layers at a time")
-    names = [w for w in wanted if ":" not in w]
-    by_name = {}
-    if names:
-        found = find_nodes(interfaces=ring_args["interfaces"], peers=(),
-                           no_mdns=False, browse_timeout=ring_args["browse_timeout"])
-        by_name = {n.name: n.address for n in found.usable()}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise click.UsageError(f"--also {spec}: mDNS found no usable node named "
-                                   + ", ".join(missing))
-    return model, [by_name.get(w, w) for w in wanted]
+def _also_wanted(also: Sequence[str], also_peers: Sequence[str], quant: Optional[str]
+                 ) -> tuple[list[Wanted], list[str]]:
+    """--also MODEL[@NODE] -> (models placed beside MODEL on its nodes, models
+    on the --also-peer nodes). Without @NODE a model goes on the --also-peer
+    nodes when there are any, else where the planner finds room."""
+    beside, own = [], []
+    for spec in also:
+        model, at, node = spec.partition("@")
+        if at and (not node.strip() or "," in node):
+            raise click.UsageError(
+                f"--also {spec}: give one node after @ (a node name or HOST:PORT); for nodes "
+                "of its own, use --also-peer HOST:PORT")
+        if not at and also_peers:
+            own.append(model)
+        else:
+            beside.append(Wanted(served_name(model), model_source(model, quant, _err),
+                                 node.strip() or None))
+    return beside, own
 
 
-def _open_also(model: str, addresses: Sequence[str], taken: set[str], ring_args: dict,
-               context: int, queue: int) -> Served:
+def _open_own(model: str, addresses: Sequence[str], taken: set[str], ring_args: dict,
+              queue: int) -> Served:
+    """An --also model on the --also-peer nodes, a ring of its own."""
     shared = taken.intersection(addresses)
     if shared:
-        raise click.UsageError(f"--also {model}: {', '.join(sorted(shared))} already holds "
-                               "another model's layers; give each model its own nodes")
+        raise click.UsageError(f"--also-peer {', '.join(sorted(shared))} already holds "
+                               f"another model's layers; to place {model} beside them, "
+                               "leave out --also-peer (the planner finds room)")
     source = model_source(model, ring_args["quant"], _err)
-    opts = RingOptions(context=context, sessions=ring_args["sessions"] or DEFAULT_SESSIONS,
+    opts = RingOptions(context=ring_args["context"],
+                       sessions=ring_args["sessions"] or DEFAULT_SESSIONS,
                        prefill_step_size=ring_args["prefill_step_size"],
                        prompt_cache_tokens=ring_args["prompt_cache_tokens"],
                        yes=ring_args["yes"], ask_above=ring_args["ask_above"], show=True)
+    name = served_name(model)
     ring = open_ring(source, addresses, opts, _err, confirm)
     taken.update(addresses)
-    name = served_name(model)
     return Served(name, open_engine(ring, name, queue_limit=queue, on_note=_err))
+
+
+def _open_models(also: Sequence[str], also_peers: Sequence[str], queue: int,
+                 ring_args: dict, models: list[Served]) -> None:
+    """Every model, into `models` as it opens (so a failure closes those
+    already open)."""
+    # Which model goes where is checked before anything is loaded.
+    beside, own = _also_wanted(also, also_peers, ring_args["quant"])
+    if beside and ring_args["split"]:
+        raise click.UsageError("--split forces one model's layers; with --also MODEL beside "
+                               "it the planner places both (leave out --split, or give the "
+                               "--also model nodes of its own with --also-peer)")
+    name = served_name(ring_args["model"])
+    flags = dict(**ring_args, show=True, say=_err, default_sessions=DEFAULT_SESSIONS)
+    if beside:
+        rings = open_rings_from_flags(name, beside, **flags)
+    else:
+        rings = [open_ring_from_flags(**flags)]
+    for n, ring in zip([name] + [w.name for w in beside], rings):
+        models.append(Served(n, open_engine(ring, n, queue_limit=queue, on_note=_err)))
+    taken = {st.peer.address for r in rings for st in r.stages}
+    for model in own:
+        models.append(_open_own(model, also_peers, taken, ring_args, queue))
 
 
 @click.command()
 @ring_options
-@click.option("--also", "also", multiple=True, metavar="MODEL[@NODE,...]",
-              help="Serve another model too, on its own nodes (HOST:PORT or node names); "
-                   "requests choose by their `model`. Repeatable.")
+@click.option("--also", "also", multiple=True, metavar="MODEL[@NODE]",
+              help="Serve another model too (requests choose by their `model`), on the same "
+                   "nodes where the planner finds room, or on NODE (a node name or HOST:PORT). "
+                   "Repeatable.")
 @click.option("--also-peer", "also_peers", multiple=True, metavar="HOST:PORT",
-              help="The nodes for an --also model given without @NODE.")
+              help="Nodes of their own for the --also models given without @NODE.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback exposes the model to the LAN: "
                    "set an API key.")
@@ -101,18 +127,9 @@ def serve(also, also_peers, host, http_port, api_key, max_tokens, queue, read_ti
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if host not in LOOPBACK and not api_key:
         _err(f"warning: serving on {host} without --api-key: anyone on the network can use it")
-    context = ring_args["context"]
-    # Where each --also model goes is checked before anything is loaded.
-    extra = [_also_nodes(spec, also_peers, ring_args) for spec in also]
     models: list[Served] = []
     try:
-        ring = open_ring_from_flags(**ring_args, show=True, say=_err,
-                                    default_sessions=DEFAULT_SESSIONS)
-        name = served_name(ring_args["model"])
-        models.append(Served(name, open_engine(ring, name, queue_limit=queue, on_note=_err)))
-        taken = {st.peer.address for st in ring.stages}
-        for model, addresses in extra:
-            models.append(_open_also(model, addresses, taken, ring_args, context, queue))
+        _open_models(also, also_peers, queue, ring_args, models)
         router = Router(models)
     except OPEN_ERRORS as e:
         _close(models)

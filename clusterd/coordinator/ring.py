@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 from clusterd.coordinator.chat import Chat
 from clusterd.coordinator.cluster import (SplitError, connect, connect_reachable, load_ring,
@@ -68,54 +68,94 @@ def model_source(model: str, quant: Optional[str], say: Callable[[str], None]) -
     return source
 
 
-def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOptions,
-                say: Callable[[str], None], confirm: Confirm) -> tuple[Path, str, list]:
-    """Split the layers and make sure every node holds its stage's files.
-    Returns (folder on this machine with config and tokenizer, repository id
-    for LoadShard or "" for a folder every node reads, layer ranges)."""
-    plan_args = dict(context=opts.context, sessions=opts.sessions,
-                     prefill_step_size=opts.prefill_step_size,
-                     prompt_cache_tokens=opts.cache_tokens,
-                     draft="mtp" if mtp_wanted(source, opts) else None, on_note=say)
+def model_files(source: ModelSource, nodes, opts: RingOptions, say: Callable[[str], None]
+                ) -> tuple[Path, str, Optional[ClusterFiles]]:
+    """(folder on this machine with config and tokenizer, repository id for
+    LoadShard or "" for a folder every node reads, the cluster's files of a
+    repository or None)."""
     if source.ref is None:  # a folder every node reads as is
-        return source.local_dir, "", plan_ranges(source.local_dir, nodes, split, **plan_args)
+        return source.local_dir, "", None
     if opts.show:
         say(f"model: {source.label}")
     files = ClusterFiles(source.ref, nodes, Reporter(show=opts.show))
-    meta = files.metadata()
-    ranges = plan_ranges(meta, nodes, split, **plan_args)
+    return files.metadata(), str(source.ref), files
+
+
+def fetch_stages(files: Optional[ClusterFiles], meta: Path, ranges: list, opts: RingOptions,
+                 say: Callable[[str], None], confirm: Confirm) -> None:
+    """Make sure every node holds its stage's files (a folder needs nothing)."""
+    if files is None:
+        return
     summary = files.prepare(meta, ranges, yes=opts.yes, ask_above=opts.ask_above,
                             confirm=confirm)
     if opts.show:
         for line in summary_lines(summary):
             say(line)
-    return meta, str(source.ref), ranges
 
 
-class _Placer:
+def place_files(source: ModelSource, nodes, split: Optional[str], opts: RingOptions,
+                say: Callable[[str], None], confirm: Confirm,
+                plan_on: Optional[list] = None) -> tuple[Path, str, list]:
+    """Split the layers and make sure every node holds its stage's files.
+    Returns (folder on this machine with config and tokenizer, repository id
+    for LoadShard or "" for a folder every node reads, layer ranges).
+    `plan_on`: the nodes as the split sees them (default `nodes`)."""
+    meta, model_id, files = model_files(source, nodes, opts, say)
+    ranges = plan_ranges(meta, plan_on or nodes, split, context=opts.context,
+                         sessions=opts.sessions, prefill_step_size=opts.prefill_step_size,
+                         prompt_cache_tokens=opts.cache_tokens,
+                         draft="mtp" if mtp_wanted(source, opts) else None, on_note=say)
+    fetch_stages(files, meta, ranges, opts, say, confirm)
+    return meta, model_id, ranges
+
+
+class Room(Protocol):
+    """What other models hold on shared nodes, for a re-plan (coordinator.rings)."""
+
+    def views(self, nodes: list, shard: str) -> list:
+        """`nodes` as the split must see them: live, with what shards other
+        than `shard` reserve taken off their usable memory."""
+
+    def release(self, views: list, ranges: list, shard: str) -> None:
+        """Unload `shard` from the nodes the new placement leaves out."""
+
+
+class RingPlacer:
     """Places the model on given nodes (the engine calls it to heal and to
     re-form the ring); after the first placement the planner decides the
-    split (a forced --split no longer applies to other nodes)."""
+    split (a forced --split no longer applies to other nodes). With a
+    `room`, the model shares its nodes with others: each stage is loaded
+    under the name `shard`, and a re-plan sees only what the others leave."""
 
     def __init__(self, source: ModelSource, opts: RingOptions, say, confirm,
-                 addresses: Callable[[], Sequence[str]], nodes: list):
+                 addresses: Callable[[], Sequence[str]], nodes: list, *, shard: str = "",
+                 room: Optional[Room] = None):
         self._source, self._opts, self._say, self._confirm = source, opts, say, confirm
         self._addresses = addresses
         self.nodes = nodes
+        self.shard = shard
+        self._room = room
         self._on_loaded = _say_loaded(say) if opts.show else None
 
     def place(self, nodes: list, split: Optional[str]) -> tuple[Path, list[LoadedStage]]:
+        views = self._room.views(nodes, self.shard) if self._room is not None else None
         model_dir, model_id, ranges = place_files(self._source, nodes, split, self._opts,
-                                                  self._say, self._confirm)
+                                                  self._say, self._confirm, plan_on=views)
         mtp = mtp_spec(self._source, self._opts, model_dir, nodes, ranges, self._say,
                        self._confirm)
-        stages = load_ring(model_dir, nodes, ranges, self._on_loaded, model_id=model_id,
-                           limits=self._opts.limits, prompt_cache_tokens=self._opts.cache_tokens,
-                           mtp=mtp)
+        stages = self.load(model_dir, model_id, nodes, ranges, mtp)
         if mtp is not None and stages[-1].drafts != "mtp":
             self._say(f"drafts: {stages[-1].drafts_note or 'the MTP layer did not load'}; "
                       "drafting by prompt lookup")
+        if views is not None:
+            self._room.release(views, ranges, self.shard)
         return model_dir, stages
+
+    def load(self, model_dir: Path, model_id: str, nodes: list, ranges: list,
+             mtp: Optional[pb.MtpSpec] = None) -> list[LoadedStage]:
+        return load_ring(model_dir, nodes, ranges, self._on_loaded, model_id=model_id,
+                         limits=self._opts.limits, shard=self.shard,
+                         prompt_cache_tokens=self._opts.cache_tokens, mtp=mtp)
 
     def replan(self, nodes: list) -> list[LoadedStage]:
         return self.place(nodes, None)[1]
@@ -130,7 +170,7 @@ class Ring:
     chat: Chat
     config: dict
     model_dir: Path
-    placer: _Placer
+    placer: RingPlacer
     options: RingOptions
 
     @property
@@ -148,7 +188,7 @@ def open_ring(source: ModelSource, addresses: Sequence[str], opts: RingOptions,
     """Raises one of OPEN_ERRORS with a message for the user. `rediscover`
     finds nodes again after a loss (default: the same addresses)."""
     nodes = connect(addresses)
-    placer = _Placer(source, opts, say, confirm, rediscover or (lambda: list(addresses)), nodes)
+    placer = RingPlacer(source, opts, say, confirm, rediscover or (lambda: list(addresses)), nodes)
     model_dir, stages = placer.place(nodes, opts.split)
     return Ring(RingClient(stages), Chat(model_dir), read_config(model_dir), model_dir, placer,
                 opts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import secrets
+import select
 import socket
 import ssl
 import struct
@@ -48,6 +49,28 @@ class LinkError(ConnectionError):
 
 def _nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Frames go one way on a link, so anything to read on the sending side
+    is its end: the next stage restarted or went away. A frame written to such
+    a socket is accepted by the kernel and lost; check before each send.
+    (TLS's own post-handshake messages are read and dropped here.)"""
+    try:
+        poller = select.poll()  # not select(): no limit on the descriptor's number
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # b"": closed; data: never sent on a link, so not one
+            return True
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        finally:
+            sock.settimeout(None)
+    except (OSError, ValueError):
+        return True
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -225,6 +248,8 @@ class LinkClient:
         with self._lock:
             for attempt in (0, 1):
                 try:
+                    if self._sock is not None and _closed_by_peer(self._sock):
+                        self._drop()
                     if self._sock is None:
                         self._sock = self._connect()
                     if len(parts) == 1 or len(parts[1]) < (1 << 16):

@@ -1,6 +1,6 @@
 """One `clusterd serve` for the serving tests: a synthetic R1 that ends its
 reasoning (see thinking.py) on two daemons, and a synthetic distill (Qwen2
-base) on a third, both behind one server."""
+base) on a third of its own (--also-peer), both behind one server."""
 
 import threading
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ QUESTION = "Why is the sky blue?"
 @dataclass(frozen=True)
 class Model:
     path: Path
+    prefill_step_size: int = 2048  # as the server was started with
 
     @property
     def name(self) -> str:
@@ -35,7 +36,7 @@ class Model:
 
     def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
         tok = self.tokenizer
-        return mlx_lm_greedy(self.path, prompt, max_tokens, 2048,
+        return mlx_lm_greedy(self.path, prompt, max_tokens, self.prefill_step_size,
                              stop_ids=tuple(tok.eos_token_ids))
 
     def text(self, tokens: list[int]) -> str:
@@ -82,8 +83,8 @@ def serving(synthetic, tmp_path_factory):
     with LocalCluster(3, workdir=tmp / "nodes", prefix="node") as cluster:
         a = cluster.addresses
         server = start_serve(r1.path, a[:2], tmp / "serve.log", "--context", str(CONTEXT),
-                             "--also", f"{distill.path}@{a[2]}", "--read-timeout", "2",
-                             "--queue", "2", "--max-body", str(2**20),
+                             "--also", str(distill.path), "--also-peer", a[2],
+                             "--read-timeout", "2", "--queue", "2", "--max-body", str(2**20),
                              "--sessions", "1")  # one at a time: the queue tests count on it
         try:
             yield Serving(server, r1, distill, cluster)

@@ -36,10 +36,14 @@ class ServeProcess:
         return self.proc.returncode
 
 
+def serve_command(model: Path, peers: Sequence[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "clusterd", "serve", str(model),
+            *sum((["--peer", a] for a in peers), []), "--http-port", "0", "--api-key", KEY,
+            *extra]
+
+
 def start_serve(model: Path, peers: Sequence[str], log_path: Path, *extra: str) -> ServeProcess:
-    cmd = [sys.executable, "-m", "clusterd", "serve", str(model),
-           *sum((["--peer", a] for a in peers), []), "--http-port", "0", "--api-key", KEY,
-           *extra]
+    cmd = serve_command(model, peers, *extra)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
@@ -49,3 +53,10 @@ def start_serve(model: Path, peers: Sequence[str], log_path: Path, *extra: str) 
         proc.wait()
         raise RuntimeError(f"clusterd serve did not start: {line!r}\n{log_path.read_text()}")
     return ServeProcess(proc, m.group(1), log_path)
+
+
+def run_serve(model: Path, peers: Sequence[str], *extra: str,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """`clusterd serve` that is expected to stop by itself (a refusal)."""
+    return subprocess.run(serve_command(model, peers, *extra), capture_output=True, text=True,
+                          timeout=timeout)
