@@ -35,17 +35,20 @@ RESULTS = HERE / "results"
 # -- the coordinator process (killed and restarted by the soak) -------------
 
 def coordinator(args) -> None:
-    from clusterd.coordinator.cluster import connect, load_ring, ranges_from_counts
-    from clusterd.coordinator.pipeline import GenerationError, Pipeline, Sampling
+    from clusterd.coordinator.generation import GenerationError, GenerationRequest, Sampling
     from clusterd.coordinator.peers import PeerError
+    from clusterd.coordinator.ring import RingOptions, model_source, open_engine, open_ring
 
-    nodes = connect(args.peers)
     config = json.loads((Path(args.model) / "config.json").read_text())
-    layers, n = config["num_hidden_layers"], len(nodes)
-    ranges = ranges_from_counts([layers // n + (i < layers % n) for i in range(n)])
-    pipeline = Pipeline(load_ring(Path(args.model), nodes, ranges))
+    layers, n = config["num_hidden_layers"], len(args.peers)
+    split = ",".join(str(layers // n + (i < layers % n)) for i in range(n))
+    # Every session at once in one ring: the stages batch them.
+    ring = open_ring(model_source(args.model, None, print), args.peers,
+                     RingOptions(split=split, context=args.context, sessions=args.sessions,
+                                 draft="none", show=False), print)
+    engine = open_engine(ring, "soak")
     eos = config.get("eos_token_id", 1)
-    stop_ids = eos if isinstance(eos, list) else [eos]
+    stop_ids = tuple(eos if isinstance(eos, list) else [eos])
     out = open(args.log, "a", buffering=1)
     lock = threading.Lock()
 
@@ -53,15 +56,21 @@ def coordinator(args) -> None:
         rng = random.Random(seed)
         while True:
             prompt = [rng.randrange(2, config["vocab_size"]) for _ in range(rng.randint(4, 48))]
+            # Every other conversation has a second turn: the prompt cache at work.
+            if rng.random() < 0.5 and last[seed]:
+                prompt = last[seed] + prompt[:8]
             try:
-                tokens = list(pipeline.generate(prompt, args.max_tokens, Sampling(temperature=0.0),
-                                                stop_ids))
-                row = {"prompt": prompt, "tokens": tokens}
+                gen = engine.submit(GenerationRequest(tuple(prompt), args.max_tokens,
+                                                      Sampling(temperature=0.0), stop_ids))
+                tokens = list(gen)
+                row = {"prompt": prompt, "tokens": tokens, "cached": gen.stats.cached_tokens}
+                last[seed] = (prompt + tokens)[: args.context // 2]
             except (GenerationError, PeerError) as e:
                 row = {"prompt": prompt, "error": str(e)[:300]}
             with lock:
                 out.write(json.dumps(row) + "\n")
 
+    last: dict[int, list[int]] = {args.seed * 1000 + i: [] for i in range(args.sessions)}
     threads = [threading.Thread(target=session, args=(args.seed * 1000 + i,), daemon=True)
                for i in range(args.sessions)]
     for t in threads:
@@ -117,21 +126,29 @@ def rss_of(nodes) -> dict:
 
 def verify(model: Path, rows: list[dict], max_tokens: int, stop_ids: list[int],
            limit: int) -> dict:
+    """Each finished generation's tokens against mlx-lm fed the same prefix
+    (batched passes may differ from one-at-a-time ones in the last bits),
+    and how many equal mlx-lm's own greedy run exactly."""
     from mlx_lm.utils import load_model
 
-    from clusterd.reference import mlx_lm_greedy
+    from clusterd.reference import mlx_lm_greedy, teacher_forced_misses
 
     ref_model = load_model(model)[0]
     done = [r for r in rows if "tokens" in r]
-    checked, mismatches = 0, []
+    checked, exact, mismatches = 0, 0, []
     for row in done[:limit] if limit else done:
-        want = mlx_lm_greedy(model, row["prompt"], max_tokens, stop_ids=stop_ids,
-                             model=ref_model)
         checked += 1
-        if want != row["tokens"]:
-            mismatches.append({"prompt": row["prompt"], "got": row["tokens"], "want": want})
-    return {"finished": len(done), "checked": checked, "mismatches": mismatches[:10],
-            "mismatch_count": len(mismatches)}
+        tokens = row["tokens"]
+        if len(tokens) < max_tokens:  # stopped early: the stop token must be mlx-lm's too
+            tokens = [*tokens, *stop_ids[:1]]
+        misses = teacher_forced_misses(model, row["prompt"], tokens, model=ref_model)
+        if misses:
+            mismatches.append({"prompt": row["prompt"], "got": row["tokens"], "misses": misses})
+        exact += row["tokens"] == mlx_lm_greedy(model, row["prompt"], max_tokens,
+                                                stop_ids=stop_ids, model=ref_model)
+    return {"finished": len(done), "checked": checked, "teacher_forced_misses": len(mismatches),
+            "mismatches": mismatches[:10], "exactly_mlx_lm": exact,
+            "with_cached_prefix": sum(1 for r in done if r.get("cached"))}
 
 
 def soak(args) -> dict:
@@ -155,6 +172,7 @@ def soak(args) -> dict:
         def start_coordinator() -> subprocess.Popen:
             cmd = [sys.executable, __file__, "--coordinator", "--model", str(model),
                    "--log", str(log), "--sessions", str(args.sessions),
+                   "--context", str(args.context),
                    "--max-tokens", str(args.max_tokens), "--seed", str(counts["restarts"]),
                    *sum((["--peer", a] for a in cluster.addresses), [])]
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -191,6 +209,8 @@ def soak(args) -> dict:
         for p in peers:
             p.close()
         report["rss_at_end"] = rss_of(cluster.nodes)
+        report["rss_growth"] = {k: report["rss_at_end"][k] / v - 1
+                                for k, v in report["rss_after_warmup"].items()}
         report["rss_peak_sampled"] = peak
         report["exit_codes"] = [n.stop() for n in cluster.nodes]
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -205,6 +225,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=120.0, help="seconds of soak")
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--context", type=int, default=512, help="tokens per session the ring plans")
     p.add_argument("--arch", default="deepseek_v3")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--warmup", type=float, default=20.0)
@@ -228,7 +249,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("verification", "rss_after_warmup", "rss_at_end",
-                                              "sessions_left_after_coordinator_gone",
+                                              "rss_growth", "sessions_left_after_coordinator_gone",
                                               "exit_codes")}, indent=2))
     print(f"wrote {out}")
 

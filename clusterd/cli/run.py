@@ -102,6 +102,7 @@ def _report(stats, stages, chat, config, opens_reasoning: bool) -> dict:
         "content": content,
         "prompt_tokens": stats.prompt_tokens,
         "cached_tokens": stats.cached_tokens,
+        "trips": stats.trips, "drafted": stats.drafted, "accepted": stats.accepted,
         "ttft_s": stats.ttft_s,
         "decode_tok_s": stats.decode_tok_s,
         "finish_reason": stats.finish_reason,
