@@ -146,3 +146,19 @@ def test_an_mtp_layer_that_cannot_be_had_falls_back_to_lookup(tmp_path, syntheti
         tokens = list(engine.submit(greedy(prompt, 32, draft="mtp")))
         engine.close()
     assert teacher_forced_misses(model, prompt, tokens) == []
+
+
+def test_a_seeded_session_with_drafts_is_reproducible_whatever_else_runs(rings):
+    """Sampling at 0.6 / 0.95 with prompt lookup: the session's own key makes
+    its answer the same on every run, alone or beside another session."""
+    model, engine = rings["qwen2"]
+    ask = GenerationRequest((100,) * 10, 48, Sampling(temperature=0.6, top_p=0.95, seed=7), (),
+                            "ngram")
+    alone = list(engine.submit(ask))
+    other = engine.submit(GenerationRequest((7, 8, 9) * 4, 64,
+                                            Sampling(temperature=0.9, seed=1), (), "ngram"))
+    side = threading.Thread(target=lambda: list(other))
+    side.start()
+    beside = list(engine.submit(ask))
+    side.join(60)
+    assert alone == beside and len(alone) == 48
