@@ -41,8 +41,9 @@ def ring_options(f):
                      type=click.IntRange(1)),
         click.option("--draft", default="auto", show_default=True,
                      type=click.Choice(["auto", "mtp", "ngram", "none"]),
-                     help="Speculative drafts: the model's MTP layer (auto: when it can be "
-                          "had and fits), prompt lookup (ngram), or none."),
+                     help="Speculative drafts: the model's MTP layer (mtp fetches it; auto "
+                          "uses it when it is already here and fits), prompt lookup (ngram), "
+                          "or none."),
         click.option("--mtp-from", default=None, metavar="FOLDER|REPO",
                      help="The original checkpoint to take the MTP layer from (default: the "
                           "catalog's, e.g. deepseek-ai/DeepSeek-R1)."),

@@ -228,6 +228,8 @@ def mtp_spec(source: ModelSource, opts: RingOptions, model_dir: Path, nodes: lis
             "prompt lookup")
         return None
     used = [n for n, r in zip(nodes, ranges) if r is not None]
+    if opts.draft == "auto" and not _holds_original(used[-1], source):
+        return None  # auto takes the layer when it is here; `--draft mtp` fetches it
     try:
         files = fetch_mtp(source.ref, model_dir, used[-1], used[:-1], Reporter(show=opts.show),
                           yes=opts.yes, ask_above=opts.ask_above, confirm=confirm)
@@ -235,6 +237,16 @@ def mtp_spec(source: ModelSource, opts: RingOptions, model_dir: Path, nodes: lis
         say(f"drafts: {e}; drafting by prompt lookup")
         return None
     return pb.MtpSpec(original_id=str(files.original))
+
+
+def _holds_original(node, source: ModelSource) -> bool:
+    """Whether the last stage's node already holds files of the model's
+    original checkpoint (a run with `--draft mtp` fetched them)."""
+    repo = original_repo(source.ref.repo_id)
+    try:
+        return bool(repo) and bool(node.peer.list_files(repo))
+    except PeerError:
+        return False
 
 
 def _say_loaded(say: Callable[[str], None]):
