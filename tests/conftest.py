@@ -28,6 +28,22 @@ def synthetic():
 
 
 @pytest.fixture(scope="module")
+def model(synthetic):
+    """The tiny synthetic DeepSeek-V3 (modules may define their own `model`)."""
+    return synthetic("deepseek_v3", "tiny")
+
+
+@pytest.fixture
+def peer(node):
+    """A client of the module's `node` fixture (a daemon), closed after the test."""
+    from clusterd.coordinator.peers import PeerHandle
+
+    p = PeerHandle(node.address)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory):
     """Three real daemon processes on loopback, shared by a test module."""
     tmp = tmp_path_factory.mktemp("nodes")

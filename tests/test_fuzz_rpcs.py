@@ -32,11 +32,6 @@ def daemon(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(synthetic):
-    return synthetic("deepseek_v3", "tiny")
-
-
-@pytest.fixture(scope="module")
 def link(daemon):
     channel = open_channel(daemon.address)
     peer = PeerHandle(daemon.address)

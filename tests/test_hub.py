@@ -31,11 +31,6 @@ NO_HUB = "http://127.0.0.1:9"
 
 
 @pytest.fixture(scope="module")
-def model(synthetic):
-    return synthetic("deepseek_v3", "tiny")
-
-
-@pytest.fixture(scope="module")
 def hub(model, tmp_path_factory):
     big = tmp_path_factory.mktemp("big")
     (big / "config.json").write_text("{}")

@@ -9,7 +9,7 @@ import grpc
 import psutil
 import pytest
 
-from clusterd.coordinator.peers import PeerError, PeerHandle
+from clusterd.coordinator.peers import PeerError
 from clusterd.models.stage import StageLoadError
 from clusterd.models.stage_check import check_config
 from clusterd.wire import clusterd_pb2 as pb
@@ -21,18 +21,6 @@ def node(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("check"), "checked")
     yield d
     d.stop()
-
-
-@pytest.fixture
-def peer(node):
-    p = PeerHandle(node.address)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def model(synthetic):
-    return synthetic("deepseek_v3", "tiny")
 
 
 def stage(path, start=0, end=2):

@@ -31,11 +31,6 @@ ORIGINAL_COMMIT = "b" * 40
 
 
 @pytest.fixture(scope="module")
-def model(synthetic):
-    return synthetic("deepseek_v3", "tiny")
-
-
-@pytest.fixture(scope="module")
 def original(model):
     return build_synthetic_original("tiny", 0)
 

@@ -21,18 +21,6 @@ def node(tmp_path_factory):
     d.stop()
 
 
-@pytest.fixture
-def peer(node):
-    p = PeerHandle(node.address)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def model(synthetic):
-    return synthetic("deepseek_v3", "tiny")
-
-
 def stage(path, start, end, **limits):
     return pb.StageSpec(model_path=str(path), start_layer=start, end_layer=end,
                         limits=pb.ShardLimits(**limits) if limits else None)

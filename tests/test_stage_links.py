@@ -8,13 +8,11 @@ import os
 import socket
 import struct
 import subprocess
-import time
 
-import grpc
 import pytest
 
-from clusterd.coordinator.generation import GenerationRequest, Sampling
-from clusterd.coordinator.peers import PeerError, PeerHandle
+from clusterd.coordinator.generation import Sampling
+from clusterd.coordinator.peers import PeerHandle
 from clusterd.coordinator.pipeline import Pipeline
 from clusterd.coordinator.cluster import connect, load_ring, ranges_from_counts
 from clusterd.local_cluster import LocalCluster, start_node
