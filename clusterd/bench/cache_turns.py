@@ -19,8 +19,8 @@ from typing import Optional
 from rich.console import Console
 
 from clusterd.bench.engine_layout import EngineLayout
-from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, ratio,
-                                  rotate, teacher_force)
+from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, ordered,
+                                  ratio, rotate, teacher_force)
 from clusterd.bench.runs import SubjectInfo
 from clusterd.bench.stats import summary
 from clusterd.coordinator.ring import RingOptions
@@ -81,7 +81,7 @@ def run_cache_turns(cfg: ServingConfig, console: Console, workdir: Optional[Path
     finally:
         if mlx is not None:
             mlx.close()
-    result["subjects"] = _summarize(book, misses)
+    result["subjects"] = ordered(_summarize(book, misses))
     return setup.finish(result)
 
 

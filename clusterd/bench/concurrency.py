@@ -20,7 +20,7 @@ from rich.console import Console
 
 from clusterd.bench.engine_layout import EngineLayout, StreamRun
 from clusterd.bench.modes import (MlxBatched, MlxSingle, ServingConfig, Setup, distinct_prompt,
-                                  open_layouts, ratio, rotate, teacher_force)
+                                  open_layouts, ordered, ratio, rotate, teacher_force)
 from clusterd.bench.stats import percentile, summary
 from clusterd.coordinator.ring import RingOptions
 
@@ -64,7 +64,7 @@ def run_concurrency(cfg: ServingConfig, console: Console, workdir: Optional[Path
     finally:
         if mlx is not None:
             mlx.close()
-    result["subjects"] = _summarize(book, cs)
+    result["subjects"] = ordered(_summarize(book, cs))
     return setup.finish(result)
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from clusterd.bench.concurrency import stream_lengths
 from clusterd.bench.engine_layout import EngineLayout, Stream, StreamRun
 from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, ms_summary, open_layouts,
-                                  rotate, stream_run, teacher_force)
+                                  ordered, rotate, stream_run, teacher_force)
 from clusterd.bench.runs import SubjectInfo
 from clusterd.bench.stats import summary
 from clusterd.coordinator.ring import RingOptions
@@ -73,7 +73,7 @@ def run_interleave(cfg: ServingConfig, console: Console, workdir: Optional[Path]
     finally:
         if mlx is not None:
             mlx.close()
-    result["subjects"] = _summarize(book, misses)
+    result["subjects"] = ordered(_summarize(book, misses))
     return setup.finish(result)
 
 

@@ -70,6 +70,11 @@ def distinct_prompt(length: int, vocab: int, salt: int) -> list[int]:
             for i in range(length)]
 
 
+def ordered(subjects: list[dict]) -> list[dict]:
+    """The table's order: the layouts by stage count, then the baselines."""
+    return sorted(subjects, key=lambda s: (s["kind"] != "clusterd", s["stages"]))
+
+
 def rotate(items: Sequence, r: int) -> list:
     """The round's order: each round starts one further, so none always runs first."""
     if not items:

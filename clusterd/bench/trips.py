@@ -23,8 +23,8 @@ from typing import Optional
 from rich.console import Console
 
 from clusterd.bench.engine_layout import GREEDY, EngineLayout
-from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, rotate,
-                                  teacher_force)
+from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, ordered,
+                                  rotate, teacher_force)
 from clusterd.bench.stats import latency_summary
 from clusterd.coordinator.generation import GenerationRequest
 from clusterd.coordinator.peers import PeerError
@@ -122,7 +122,7 @@ def run_trips(cfg: ServingConfig, console: Console, workdir: Optional[Path] = No
     missed: dict[tuple[str, int], int] = {}
     for (name, k, _, _), m in zip(checks, misses or []):
         missed[(name, k)] = missed.get((name, k), 0) + m
-    result["subjects"] = _summarize(book, ks, missed if misses is not None else None)
+    result["subjects"] = ordered(_summarize(book, ks, missed if misses is not None else None))
     return setup.finish(result)
 
 
