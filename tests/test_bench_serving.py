@@ -109,8 +109,10 @@ def test_cache_turns_reuse_the_first_turn(tmp_path, synthetic, nodes):
     from clusterd.bench.cache_turns import run_cache_turns
 
     model = synthetic("deepseek_v3", "tiny")
-    res = run_cache_turns(_config(model, nodes, first_turn=40, prompt_tokens=5, new_tokens=3),
-                          Console(quiet=True))
+    # A pause between the turns: a turn 2 sent the instant turn 1 ends can open
+    # before the stages have moved turn 1's caches into their prompt caches.
+    res = run_cache_turns(_config(model, nodes, first_turn=40, prompt_tokens=5, new_tokens=3,
+                                  turn_gap_s=0.3), Console(quiet=True))
     by = {s["name"]: s for s in res["subjects"]}
     assert set(by) == {f"{who}, cache {c}" for c in ("on", "off")
                        for who in ("clusterd 1 node", "clusterd 2 nodes", "mlx-lm, 1 process")}
@@ -124,6 +126,7 @@ def test_cache_turns_reuse_the_first_turn(tmp_path, synthetic, nodes):
         on, off = by[f"{who}, cache on"], by[f"{who}, cache off"]
         # The stages hold turn 1's prompt and every answer token fed back (all but the last).
         assert on["turn2_cached_tokens"]["median"] == 40 + 3 - 1
+        assert on["turn2_cache_missed_rounds"] == 0
         assert off["turn2_cached_tokens"]["median"] == 0
         assert on["tokens_match_without_cache"] is True
         assert on["turn2_vs_without_cache"] > 0
@@ -159,6 +162,7 @@ def test_trip_costs_per_width(tmp_path, synthetic, nodes):
     (["--concurrency", "1,2", "--no-hop"], "--no-hop does not apply to --concurrency"),
     (["--interleave-prompt", "64", "--trips", "3"], "--trips does not apply to --interleave-prompt"),
     (["--streams", "2"], "--streams does not apply to the layouts bench"),
+    (["--concurrency", "1", "--turn-gap", "1"], "--turn-gap does not apply to --concurrency"),
     (["--concurrency", "0,2"], "--concurrency '0,2': every value must be at least 1"),
     (["--sessions", "4"], "--sessions applies to --predict"),
 ])

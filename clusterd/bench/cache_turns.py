@@ -4,14 +4,17 @@ and without it, in the same run: each layout is loaded twice on the same
 daemons, under two shard names, once with the plan's prompt-cache room and
 once with none. Turn 2 is turn 1, its answer and a follow-up of
 --prompt-tokens tokens, sent the moment turn 1 has ended (as a client
-sending the next turn at once would). Next to it, single-process mlx-lm with
-a fresh cache and continuing turn 1's cache.
+sending the next turn at once would) or --turn-gap seconds later. Next to
+it, single-process mlx-lm with a fresh cache and continuing turn 1's cache.
+A round whose turn 2 found nothing cached on a ring with the cache is
+counted (`turn2_cache_missed_rounds`).
 
 Every round is a new chat (no earlier round's cache helps turn 1)."""
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -29,19 +32,23 @@ from clusterd.coordinator.ring import RingOptions
 WITH, WITHOUT = "on", "off"
 
 
+@dataclass(frozen=True)
 class _Turn:
-    def __init__(self, prompt, tokens, ttft_s: float, cached: int):
-        self.prompt, self.tokens, self.ttft_s, self.cached = tuple(prompt), list(tokens), ttft_s, cached
+    prompt: tuple[int, ...]
+    tokens: list[int]
+    ttft_s: float
+    cached: int  # prompt tokens reused from a cache
 
 
 def run_cache_turns(cfg: ServingConfig, console: Console, workdir: Optional[Path] = None) -> dict:
-    setup = Setup(cfg, "cache_turns", console, **({"workdir": workdir} if workdir else {}))
+    setup = Setup(cfg, "cache_turns", console, workdir)
     follow = cfg.prompt_tokens
     context = cfg.first_turn + follow + 2 * cfg.new_tokens + 1
     on = RingOptions(context=context, sessions=1, prefill_step_size=cfg.prefill_step_size)
     off = replace(on, prompt_cache_tokens=0)
     result = setup.header({"first_turn": cfg.first_turn, "new_tokens": cfg.new_tokens,
-                           "follow_up": follow, "prefill_step_size": cfg.prefill_step_size,
+                           "follow_up": follow, "turn_gap_s": cfg.turn_gap_s,
+                           "prefill_step_size": cfg.prefill_step_size,
                            "ring": {"context": context, "sessions": 1,
                                     "prompt_cache_tokens": on.cache_tokens},
                            "cache_off": "the same layout loaded again with no prompt-cache room "
@@ -104,11 +111,12 @@ class _RingTurns:
         if one.error:
             raise RuntimeError(one.error)
         second = [*first, *one.tokens, *follow]
+        time.sleep(self.cfg.turn_gap_s)
         (two,) = self.layout.run_streams([second], self.cfg.new_tokens)
         if two.error:
             raise RuntimeError(two.error)
-        return {self.info.name: [_Turn(first, one.tokens, one.ttft_s, one.cached_tokens),
-                                 _Turn(second, two.tokens, two.ttft_s, two.cached_tokens)]}
+        return {self.info.name: [_Turn(tuple(first), one.tokens, one.ttft_s, one.cached_tokens),
+                                 _Turn(tuple(second), two.tokens, two.ttft_s, two.cached_tokens)]}
 
     def close(self) -> None:
         self.layout.close()
@@ -128,13 +136,13 @@ class _MlxTurns:
     def chat(self, first, follow) -> dict[str, list[_Turn]]:
         r = self.mlx.op("turns", first=first, follow=follow, new_tokens=self.cfg.new_tokens,
                         prefill_step_size=self.cfg.prefill_step_size)
-        t1 = _Turn(first, r["turn1"]["tokens"], r["turn1"]["ttft_s"], 0)
+        t1 = _Turn(tuple(first), r["turn1"]["tokens"], r["turn1"]["ttft_s"], 0)
         second = [*first, *t1.tokens, *follow]
         cached, fresh = r["turn2_cached"], r["turn2_fresh"]
         on, off = self.variants
-        return {on.name: [t1, _Turn(second, cached["tokens"], cached["ttft_s"],
+        return {on.name: [t1, _Turn(tuple(second), cached["tokens"], cached["ttft_s"],
                                     cached["cached_tokens"])],
-                off.name: [t1, _Turn(second, fresh["tokens"], fresh["ttft_s"], 0)]}
+                off.name: [t1, _Turn(tuple(second), fresh["tokens"], fresh["ttft_s"], 0)]}
 
 
 def _measure(setup: Setup, subjects: list, follow: int, book: dict, salts) -> None:
@@ -178,6 +186,8 @@ def _summarize(book: dict, misses: Optional[list[int]]) -> list[dict]:
             "turn2_prompt_tokens": len(rounds[0][1].prompt) if rounds else None,
             "turn2_ttft_s": summary([rnd[1].ttft_s for rnd in rounds]),
             "turn2_cached_tokens": summary([rnd[1].cached for rnd in rounds]),
+            "turn2_cache_missed_rounds": (sum(1 for rnd in rounds if not rnd[1].cached)
+                                          if e["variant"].cache == WITH else None),
             "teacher_forced_misses": checked, "turn2_tokens": [rnd[1].tokens for rnd in rounds]})
     # Each "on" row next to its own "off" row (same layout, same chats).
     for s in out:

@@ -33,7 +33,7 @@ def stream_lengths(base: int, n: int) -> list[int]:
 
 
 def run_concurrency(cfg: ServingConfig, console: Console, workdir: Optional[Path] = None) -> dict:
-    setup = Setup(cfg, "concurrency", console, **({"workdir": workdir} if workdir else {}))
+    setup = Setup(cfg, "concurrency", console, workdir)
     cs = cfg.concurrency
     lengths = stream_lengths(cfg.prompt_tokens, max(cs))
     opts = RingOptions(context=max(lengths) + cfg.new_tokens + 1, sessions=max(cs),

@@ -40,7 +40,7 @@ def phases(streams: Sequence[StreamRun], submitted: float, first: float) -> dict
 
 
 def run_interleave(cfg: ServingConfig, console: Console, workdir: Optional[Path] = None) -> dict:
-    setup = Setup(cfg, "interleave", console, **({"workdir": workdir} if workdir else {}))
+    setup = Setup(cfg, "interleave", console, workdir)
     lengths = stream_lengths(cfg.prompt_tokens, cfg.streams)
     # Each stream decodes --new-tokens before the long prompt arrives and again
     # after its first token; room for as many more while it is prefilled.

@@ -7,9 +7,8 @@ the teacher-forcing check of every stream against single-process mlx-lm."""
 from __future__ import annotations
 
 import contextlib
-import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -21,7 +20,7 @@ from clusterd.bench.engine_layout import StreamRun
 from clusterd.bench.layouts import LayoutSpec, layout_specs
 from clusterd.bench.runner import resolve_model
 from clusterd.bench.runs import SubjectInfo
-from clusterd.bench.stats import code_version, load_average, machine, now_iso, percentile, summary
+from clusterd.bench.stats import code_version, load_average, machine, now_iso, percentile
 from clusterd.local_cluster import LocalCluster
 from clusterd.models.stage import read_config
 
@@ -47,6 +46,7 @@ class ServingConfig:
     streams: int = 4  # decoding while the long prompt arrives
     long_prompt: int = 2000  # --interleave-prompt
     first_turn: int = 2000  # --cache-turns
+    turn_gap_s: float = 0.0  # between a chat's turns (0: the next the moment one ends)
     trip_tokens: tuple[int, ...] = (1, 2, 3, 4)
     trips: int = 30  # trips per width per round
 
@@ -83,16 +83,13 @@ def rotate(items: Sequence, r: int) -> list:
     return list(items[k:]) + list(items[:k])
 
 
-@dataclass
 class Setup:
     """The run's model, layouts and result header."""
 
-    cfg: ServingConfig
-    mode: str
-    console: Console
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="clusterd-bench-")))
-
-    def __post_init__(self) -> None:
+    def __init__(self, cfg: ServingConfig, mode: str, console: Console,
+                 workdir: Optional[Path] = None):
+        self.cfg, self.mode, self.console = cfg, mode, console
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clusterd-bench-"))
         self.load_before = load_average()
         self.model_dir = resolve_model(self.cfg, self.say)
         self.config = read_config(self.model_dir)
@@ -227,10 +224,6 @@ def ms_summary(seconds: Sequence[float]) -> dict:
     """p50 / p99 / max in milliseconds."""
     return {"p50_ms": 1e3 * percentile(seconds, 50), "p99_ms": 1e3 * percentile(seconds, 99),
             "max_ms": 1e3 * max(seconds) if seconds else float("nan"), "n": len(seconds)}
-
-
-def median_or_none(values: Sequence[float]) -> Optional[float]:
-    return statistics.median(values) if values else None
 
 
 def ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:

@@ -177,6 +177,7 @@ def cache_rows(result: dict) -> list[dict]:
              "turn2_ttft_s": _med(s.get("turn2_ttft_s")),
              "turn2_ttft_s_spread_pct": (s.get("turn2_ttft_s") or {}).get("spread_pct"),
              "turn2_cached_tokens": _med(s.get("turn2_cached_tokens")),
+             "turn2_cache_missed_rounds": s.get("turn2_cache_missed_rounds"),
              "turn2_vs_without_cache": s.get("turn2_vs_without_cache"),
              "teacher_forced_misses": s.get("teacher_forced_misses")}
             for s in result["subjects"]]
@@ -184,20 +185,23 @@ def cache_rows(result: dict) -> list[dict]:
 
 def print_cache(result: dict, console: Console) -> None:
     w = result["workload"]
+    gap = f", sent {w['turn_gap_s']:g}s after it" if w.get("turn_gap_s") else ", sent at once"
     t = Table(title=_title(result, f"turn 2 of a chat whose turn 1 was {w['first_turn']} tokens "
-                                   f"(+{w['new_tokens']} answered, +{w['follow_up']} asked)"))
+                                   f"(+{w['new_tokens']} answered, +{w['follow_up']} asked{gap})"))
     for col in ("subject", "prompt cache", "turn 1 TTFT s", "turn 2 TTFT s", "turn 2 cached tokens",
-                "turn 2 ÷ without cache", "misses"):
+                "rounds it found none", "turn 2 ÷ without cache", "misses"):
         t.add_column(col, justify="left" if col in ("subject", "prompt cache") else "right")
     for s in result["subjects"]:
         if s["error"]:
-            t.add_row(s["name"], "", "[red]failed[/red]", s["error"][:60], "", "", "")
+            t.add_row(s["name"], "", "[red]failed[/red]", s["error"][:60], "", "", "", "")
             continue
+        missed = s.get("turn2_cache_missed_rounds")
         t.add_row(s["name"], s["prompt_cache"],
                   _f(_med(s["turn1_ttft_s"]), ".3f"),
                   _f(_med(s["turn2_ttft_s"]), ".3f") + _spread(s["turn2_ttft_s"]),
-                  _f(_med(s["turn2_cached_tokens"]), ".0f"), _x(s.get("turn2_vs_without_cache")),
-                  _misses(s.get("teacher_forced_misses")))
+                  _f(_med(s["turn2_cached_tokens"]), ".0f"),
+                  "-" if missed is None else (f"[red]{missed}[/red]" if missed else "0"),
+                  _x(s.get("turn2_vs_without_cache")), _misses(s.get("teacher_forced_misses")))
     console.print(t)
 
 

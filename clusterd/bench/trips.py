@@ -89,7 +89,7 @@ class _RingTrips:
 
 
 def run_trips(cfg: ServingConfig, console: Console, workdir: Optional[Path] = None) -> dict:
-    setup = Setup(cfg, "trips", console, **({"workdir": workdir} if workdir else {}))
+    setup = Setup(cfg, "trips", console, workdir)
     ks = list(cfg.trip_tokens)
     opts = RingOptions(context=cfg.prompt_tokens + max(ks) + 1, sessions=1,
                        prefill_step_size=cfg.prefill_step_size, prompt_cache_tokens=0)

@@ -75,6 +75,9 @@ def _command() -> str:
 @click.option("--cache-turns", default=None, type=click.IntRange(2), metavar="TOKENS",
               help="Serving: TTFT of a chat's turn 2 after a turn 1 this long, with the "
                    "prompt cache and without.")
+@click.option("--turn-gap", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="--cache-turns: pause between a chat's turns [default: 0, turn 2 the moment "
+                   "turn 1 ends].")
 @click.option("--trip-tokens", default=None, metavar="K,K,...",
               help="Serving: the cost of one trip carrying k tokens of a session, as a ratio to "
                    "a 1-token trip.")
@@ -86,8 +89,8 @@ def _command() -> str:
 @click.pass_context
 def bench(ctx, model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill_step_size,
           repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only, dtype,
-          predict, sessions, concurrency, interleave_prompt, streams, cache_turns, trip_tokens,
-          trips, out_dir, name):
+          predict, sessions, concurrency, interleave_prompt, streams, cache_turns, turn_gap,
+          trip_tokens, trips, out_dir, name):
     """Tokens/sec per cluster layout, against mlx-lm in the same run.
 
     Every layout and both baselines (single-process mlx-lm, and mlx-lm's own
@@ -167,10 +170,10 @@ def _hop_only(console: Console, out_dir: Path, name, dtype: str) -> None:
 
 
 # The serving modes, each with the options only it reads.
-_MODES = {"concurrency": (), "interleave_prompt": ("streams",), "cache_turns": (),
+_MODES = {"concurrency": (), "interleave_prompt": ("streams",), "cache_turns": ("turn_gap",),
           "trip_tokens": ("trips",)}
-_SERVING_ONLY = {"concurrency", "interleave_prompt", "streams", "cache_turns", "trip_tokens",
-                 "trips"}
+_SERVING_ONLY = {"concurrency", "interleave_prompt", "streams", "cache_turns", "turn_gap",
+                 "trip_tokens", "trips"}
 # Layout-bench options no serving mode reads.
 _LAYOUTS_ONLY = {"no_ring", "ring_launcher", "no_hop", "hop_only", "dtype", "predict", "sessions"}
 
@@ -219,7 +222,7 @@ def _serving(params: dict, mode: str, given: set, console: Console) -> None:
         elif mode == "cache_turns":
             from clusterd.bench.cache_turns import run_cache_turns as run
 
-            fields["first_turn"] = p["cache_turns"]
+            fields.update(first_turn=p["cache_turns"], turn_gap_s=p["turn_gap"] or 0.0)
         else:
             from clusterd.bench.trips import run_trips as run
 
