@@ -143,7 +143,10 @@ class EngineLayout:
             self._close_peers()
             raise
         self.shard = self.stages[0].shard
-        self.info = SubjectInfo(name or spec.label, "clusterd", len(counts), counts, spec.how)
+        label = name or spec.label
+        if len(counts) != spec.nodes:  # the planner may leave nodes out: fewer hops
+            label += f" (planner used {len(counts)})"
+        self.info = SubjectInfo(label, "clusterd", len(counts), counts, spec.how)
         self.engine = Engine(_BenchRing(RingClient(self.stages)), name=self.info.name,
                              context=opts.context, max_sessions=opts.sessions,
                              prefill_step_size=opts.prefill_step_size)

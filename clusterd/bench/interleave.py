@@ -94,17 +94,21 @@ class _MlxInterleave:
 def _engine_scenario(layout: EngineLayout, prompts, long_prompt, before: int, after: int,
                      max_tokens: int) -> tuple[list[StreamRun], StreamRun]:
     streams = [Stream(layout.engine, p, max_tokens) for p in prompts]
+    long = Stream(layout.engine, long_prompt, LONG_TOKENS)
     t0 = time.monotonic()
     for s in streams:
         s.start(t0)
     try:
         for s in streams:
             s.wait_until(lambda r: len(r.tokens) >= before, WAIT_S)
-        long = Stream(layout.engine, long_prompt, LONG_TOKENS).start(t0)
+        long.start(t0)
         long.wait_until(lambda r: bool(r.tokens), WAIT_S)
         first = long.run.token_times[0] if long.run.token_times else float("inf")
         for s in streams:
             s.wait_until(lambda r: sum(t > first for t in r.token_times) >= after, WAIT_S)
+    except BaseException:
+        long.cancel()
+        raise
     finally:
         for s in streams:
             s.cancel()
