@@ -56,8 +56,11 @@ def test_bench_rejects_a_split_that_does_not_cover_the_model(tmp_path, synthetic
 
 
 def test_predict_lists_layouts_links_and_published_results(tmp_path):
-    stdout = _bench("--predict", "--out", str(tmp_path), "--name", "p", timeout=60)
+    stdout = _bench("--predict", "--sessions", "4", "--out", str(tmp_path), "--name", "p",
+                    timeout=60)
     res = json.loads((tmp_path / "p.json").read_text())
+    assert res["sessions"] == 4 and "4 sessions" in stdout
+    assert any(r.get("sessions") == 4 and r["aggregate_tok_s"] > 0 for r in res["layouts"])
     layouts = {r["layout"] for r in res["layouts"]}
     assert {"3 x M2 Ultra 192 GB", "8 x M4 Pro 64 GB Mac mini", "2 x M3 Ultra 512 GB"} <= layouts
     links = {r["link"] for r in res["layouts"] if r["layout"] == "3 x M2 Ultra 192 GB"}

@@ -164,6 +164,11 @@ class MlxLm:
         r = self._last[0]
         return RunResult(len(prompt), r["tokens"], r["token_times"])
 
+    def op(self, name: str, **args) -> dict:
+        """One of the serving measurements (clusterd/bench/mlx_batch.py) in this process."""
+        self._last = self._w.request({"op": name, "args": args}, self._timeout)
+        return self._last[0]
+
     def memory(self) -> list[ProcessMemory]:
         r = self._last[0]
         return [ProcessMemory("mlx-lm", r.get("rss_bytes", 0), 0, tuple(self._w.ready[0]["layers"]))]

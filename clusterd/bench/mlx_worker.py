@@ -4,6 +4,9 @@ the model once and answers generation requests read from stdin.
 
 Protocol, one JSON object per line:
   in:  {"prompt": [ids], "max_tokens": n, "prefill_step_size": s}   or   {"quit": true}
+       or, single process only, {"op": NAME, "args": {...}}: one of the serving
+       measurements in clusterd/bench/mlx_batch.py (batch, interleave, turns,
+       forward_k, teacher_force), answered with that function's result
   out: {"ready": true, "rank": r, "size": n, "pid": p, "load_s": t, "layers": [a, b]}
        {"rank": r, "ttft_s": t, "decode_s": t, "tokens": [...], "token_times": [...],
         "rss_bytes": n}
@@ -57,6 +60,17 @@ def _generate(model, prompt: list[int], max_tokens: int, prefill_step_size: int)
     }
 
 
+def _serving_op(model, name: str, args: dict) -> dict:
+    from clusterd.bench import mlx_batch
+
+    ops = {"batch": mlx_batch.batch, "interleave": mlx_batch.interleave,
+           "turns": mlx_batch.turns, "forward_k": mlx_batch.forward_k,
+           "teacher_force": mlx_batch.teacher_force}
+    if name not in ops:
+        raise ValueError(f"unknown op {name!r}; one of {', '.join(ops)}")
+    return ops[name](model, **args)
+
+
 def _rss() -> int:
     import psutil
 
@@ -90,8 +104,13 @@ def main(argv=None) -> int:
         if req.get("quit"):
             break
         try:
-            res = _generate(model, req["prompt"], int(req["max_tokens"]),
-                            int(req.get("prefill_step_size", 2048)))
+            if "op" in req:
+                if args.pipeline:
+                    raise ValueError("serving measurements run in one process, not a ring")
+                res = _serving_op(model, req["op"], req.get("args", {}))
+            else:
+                res = _generate(model, req["prompt"], int(req["max_tokens"]),
+                                int(req.get("prefill_step_size", 2048)))
         except Exception as e:  # reported to the parent, which shows it
             res = {"error": f"{type(e).__name__}: {e}"}
         say({"rank": rank, **res, "rss_bytes": _rss()})

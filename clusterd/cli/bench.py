@@ -1,12 +1,15 @@
 """`clusterd bench [MODEL]`: tokens/sec per cluster layout against mlx-lm in
-the same run, one decode hop against plain TCP, and (--predict) the planner's
-forecasts for real Mac layouts next to published results."""
+the same run, one decode hop against plain TCP, (--predict) the planner's
+forecasts for real Mac layouts next to published results, and the serving
+engine's modes: --concurrency, --interleave-prompt, --cache-turns and
+--trip-tokens."""
 
 from __future__ import annotations
 
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -31,8 +34,9 @@ def _command() -> str:
 @click.option("--preset", default="bench", show_default=True,
               type=click.Choice(["tiny", "small", "bench"]),
               help="Synthetic DeepSeek-V3 model to use when MODEL is not given.")
-@click.option("--nodes", default="1,2,3", show_default=True, metavar="N,N,...",
-              help="Layouts: how many nodes each uses.")
+@click.option("--nodes", default=None, metavar="N,N,...",
+              help="Layouts: how many nodes each uses [default: 1,2,3; 1,3 for the serving "
+                   "modes].")
 @click.option("--split", default="even", show_default=True, metavar="even|planned|N,N,...",
               help="Layers per node: even, the shard planner's, or given counts (one layout).")
 @click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
@@ -58,12 +62,35 @@ def _command() -> str:
 @click.option("--predict", is_flag=True,
               help="Print the planner's predictions for real Mac layouts next to published "
                    "results; measures nothing.")
+@click.option("--sessions", default=None, type=click.IntRange(1),
+              help="--predict: sessions decoding at once in the aggregate forecast [default: 8].")
+@click.option("--concurrency", default=None, metavar="C,C,...",
+              help="Serving: C streams started at once through the engine, for each C, next to "
+                   "mlx-lm's batched generation on the same prompts.")
+@click.option("--interleave-prompt", default=None, type=click.IntRange(2), metavar="TOKENS",
+              help="Serving: the running streams' inter-token intervals while a prompt this "
+                   "long is prefilled, next to mlx-lm's BatchGenerator.")
+@click.option("--streams", default=None, type=click.IntRange(1),
+              help="--interleave-prompt: streams decoding when it arrives [default: 4].")
+@click.option("--cache-turns", default=None, type=click.IntRange(2), metavar="TOKENS",
+              help="Serving: TTFT of a chat's turn 2 after a turn 1 this long, with the "
+                   "prompt cache and without.")
+@click.option("--turn-gap", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="--cache-turns: pause between a chat's turns [default: 0, turn 2 the moment "
+                   "turn 1 ends].")
+@click.option("--trip-tokens", default=None, metavar="K,K,...",
+              help="Serving: the cost of one trip carrying k tokens of a session, as a ratio to "
+                   "a 1-token trip.")
+@click.option("--trips", default=None, type=click.IntRange(1),
+              help="--trip-tokens: trips per k in each round [default: 30].")
 @click.option("--out", "out_dir", default=Path("benchmarks/results"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", default=None, help="File name stem of the results [default: bench-MODEL-DATE].")
-def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill_step_size,
+@click.pass_context
+def bench(ctx, model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill_step_size,
           repetitions, warmup, no_mlx_lm, no_ring, ring_launcher, no_hop, hop_only, dtype,
-          predict, out_dir, name):
+          predict, sessions, concurrency, interleave_prompt, streams, cache_turns, turn_gap,
+          trip_tokens, trips, out_dir, name):
     """Tokens/sec per cluster layout, against mlx-lm in the same run.
 
     Every layout and both baselines (single-process mlx-lm, and mlx-lm's own
@@ -74,11 +101,22 @@ def bench(model, preset, nodes, split, peers, prompt_tokens, new_tokens, prefill
     # SIGTERM (and SIGINT, which a background job may ignore) unwind through
     # the finally blocks that stop the daemons and workers this run started.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    given = {p for p in ctx.params
+             if ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT}
+    serving = _serving_mode(given)
+    if serving:
+        _serving(ctx.params, serving, given, console)
+        return
+    _refuse(given, _SERVING_ONLY, "the layouts bench")
+    if "sessions" in given and not predict:
+        raise click.UsageError("--sessions applies to --predict")
+    nodes = nodes or "1,2,3"
     if predict:
         from clusterd.bench.predict import run_predict
 
         try:
-            run_predict(console, out_dir, name or "predict", _command())
+            run_predict(console, out_dir, name or "predict", _command(),
+                        **({"sessions": sessions} if sessions else {}))
         except ImportError as e:
             raise click.ClickException(f"--predict needs the shard planner: {e}") from None
         return
@@ -129,3 +167,72 @@ def _hop_only(console: Console, out_dir: Path, name, dtype: str) -> None:
     path = out_dir / f"{name or ('hop' if dtype == 'float32' else 'hop-' + dtype)}.json"
     write_json(result, path)
     console.print(f"wrote {path}")
+
+
+# The serving modes, each with the options only it reads.
+_MODES = {"concurrency": (), "interleave_prompt": ("streams",), "cache_turns": ("turn_gap",),
+          "trip_tokens": ("trips",)}
+_SERVING_ONLY = {"concurrency", "interleave_prompt", "streams", "cache_turns", "turn_gap",
+                 "trip_tokens", "trips"}
+# Layout-bench options no serving mode reads.
+_LAYOUTS_ONLY = {"no_ring", "ring_launcher", "no_hop", "hop_only", "dtype", "predict", "sessions"}
+
+
+def _refuse(given: set, names: set, what: str) -> None:
+    extra = sorted(given & names)
+    if extra:
+        flags = ", ".join("--" + n.replace("_", "-") for n in extra)
+        raise click.UsageError(f"{flags} does not apply to {what}")
+
+
+def _serving_mode(given: set) -> str:
+    modes = [m for m in _MODES if m in given]
+    if len(modes) > 1:
+        raise click.UsageError("one serving mode per run: " + ", ".join(
+            "--" + m.replace("_", "-") for m in modes))
+    return modes[0] if modes else ""
+
+
+def _serving(params: dict, mode: str, given: set, console: Console) -> None:
+    from clusterd.bench.layouts import parse_nodes
+    from clusterd.bench.modes import ServingConfig, parse_counts
+    from clusterd.bench.serving_report import print_result, write_all
+    from clusterd.coordinator.peers import PeerError
+    from clusterd.coordinator.placement import SplitError
+
+    flag = "--" + mode.replace("_", "-")
+    others = {m for m in _SERVING_ONLY if m != mode and m not in _MODES[mode]}
+    _refuse(given, _LAYOUTS_ONLY | others, flag)
+    p = params
+    try:
+        fields = dict(
+            model=p["model"], preset=p["preset"], nodes=tuple(parse_nodes(p["nodes"] or "1,3")),
+            split=p["split"], peers=tuple(p["peers"]), prompt_tokens=p["prompt_tokens"],
+            new_tokens=p["new_tokens"], prefill_step_size=p["prefill_step_size"],
+            repetitions=p["repetitions"], warmup=p["warmup"], mlx_lm=not p["no_mlx_lm"],
+            command=_command())
+        if mode == "concurrency":
+            from clusterd.bench.concurrency import run_concurrency as run
+
+            fields["concurrency"] = parse_counts(p["concurrency"], flag)
+        elif mode == "interleave_prompt":
+            from clusterd.bench.interleave import run_interleave as run
+
+            fields.update(long_prompt=p["interleave_prompt"], streams=p["streams"] or 4)
+        elif mode == "cache_turns":
+            from clusterd.bench.cache_turns import run_cache_turns as run
+
+            fields.update(first_turn=p["cache_turns"], turn_gap_s=p["turn_gap"] or 0.0)
+        else:
+            from clusterd.bench.trips import run_trips as run
+
+            fields.update(trip_tokens=parse_counts(p["trip_tokens"], flag),
+                          trips=p["trips"] or 30)
+        result = run(ServingConfig(**fields), console)
+    except (SplitError, PeerError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    print_result(result, console)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = p["name"] or f"{result['mode']}-{result['model']['name']}-{stamp}"
+    for path in write_all(result, p["out_dir"], name):
+        console.print(f"wrote {path}")
