@@ -5,7 +5,10 @@ longest common prefix of a new session's tokens (mlx-lm's PromptTrie).
 Lookups run on RPC threads (OpenSession must answer at once) and return a
 pin: a reference to the entry's caches, which stays valid after eviction.
 Copying a pin into a session's own caches (`materialize`) is MLX work and
-runs on the compute thread."""
+runs on the compute thread. A session that just ended is announced at once
+(`announce`, on the RPC thread) though its caches arrive only when the
+compute thread gets to them: a conversation's next turn, sent the moment
+the last one ends, finds it all the same."""
 
 from __future__ import annotations
 
@@ -20,12 +23,21 @@ from mlx_lm.models.cache import PromptTrie, trim_prompt_cache
 _MODEL = "shard"  # the trie is per shard already; one key space
 
 
+class Arriving:
+    """An entry on its way in: its caches are set when they are stored."""
+
+    __slots__ = ("caches",)
+
+    def __init__(self) -> None:
+        self.caches: Optional[list[Any]] = None
+
+
 @dataclass(frozen=True)
 class Pin:
     """Up to `tokens` leading tokens of a session can reuse `caches`."""
 
     tokens: int
-    caches: list[Any]
+    caches: Any  # list of per-layer caches, or an Arriving entry
     length: int  # tokens the entry's caches hold
 
 
@@ -39,6 +51,7 @@ class PromptCache:
         self._trie = PromptTrie()
         self._lru: "OrderedDict[tuple[int, ...], int]" = OrderedDict()  # key -> bytes
         self._bytes = 0
+        self._arriving: dict[tuple[int, ...], Arriving] = {}
         self._lock = threading.Lock()
 
     @property
@@ -66,6 +79,10 @@ class PromptCache:
                     n = min(len(tokens) - 1, found.common_prefix)
                     if best is None or n > best[0]:
                         best = (n, found.longer)
+            for key, entry in self._arriving.items():
+                n = min(len(tokens) - 1, _common(key, tokens))
+                if n >= 1 and (best is None or n > best[0]):
+                    return Pin(n, entry, len(key))
             if best is None or best[0] < 1:
                 return None
             key = tuple(best[1])
@@ -73,12 +90,28 @@ class PromptCache:
             caches = self._trie.get(_MODEL, best[1])
             return Pin(best[0], caches, len(key))
 
+    def announce(self, tokens: Sequence[int], nbytes: int) -> None:
+        """Caches holding `tokens` (about `nbytes`) will be inserted shortly."""
+        key = tuple(tokens)
+        if len(key) > 1 and nbytes <= self.max_bytes:
+            with self._lock:
+                self._arriving[key] = Arriving()
+
+    def withdraw(self, tokens: Sequence[int]) -> None:
+        """An announced entry that will not come after all."""
+        with self._lock:
+            self._arriving.pop(tuple(tokens), None)
+
     def insert(self, tokens: Sequence[int], caches: list[Any]) -> bool:
         """Keep `caches` (holding exactly `tokens`) unless they alone exceed
         the room; older entries leave until they fit. Entries that are a
         prefix of the new one are dropped: the new one serves them too."""
         key = tuple(tokens)
         size = cache_bytes(caches)
+        with self._lock:
+            arriving = self._arriving.pop(key, None)
+            if arriving is not None:
+                arriving.caches = caches  # sessions that pinned it before it came
         if not key or size > self.max_bytes:
             return False
         with self._lock:
@@ -103,6 +136,15 @@ class PromptCache:
         self._bytes -= self._lru.pop(key)
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def compact(caches: list[Any]) -> list[Any]:
     """Cut each cache's buffers to the positions it holds, so an entry costs
     exactly its tokens (KVCache grows in 256-position steps). Compute thread."""
@@ -119,7 +161,10 @@ def compact(caches: list[Any]) -> list[Any]:
 def materialize(pin: Pin, tokens: int) -> list[Any]:
     """A session's own copy of a pinned entry, cut to its first `tokens`
     (compute thread: copying arrays is MLX work)."""
-    caches = copy.deepcopy(pin.caches)
+    held = pin.caches.caches if isinstance(pin.caches, Arriving) else pin.caches
+    if held is None:
+        raise LookupError("the prompt cache entry this session started from never arrived")
+    caches = copy.deepcopy(held)
     if pin.length > tokens:
         trim_prompt_cache(caches, pin.length - tokens)
     return caches

@@ -242,9 +242,12 @@ class Executor:
         if s is None:
             return 0
         shard = self.shards.get(s.shard)
-        held = s.length * (shard.kv_bytes_per_token if shard else 0)
-        self.post(lambda: self._release(s, tuple(keep_tokens)))
-        return held
+        per_token = shard.kv_bytes_per_token if shard else 0
+        keep = tuple(keep_tokens)[: s.length]  # what its caches hold of them
+        if shard is not None and len(keep) > 1:
+            shard.prompt_cache.announce(keep, len(keep) * per_token)
+        self.post(lambda: self._release(s, keep))
+        return s.length * per_token
 
     def end_client(self, client_id: str, reason: str) -> list[str]:
         ended = []
@@ -274,11 +277,13 @@ class Executor:
         groups = self._groups.get(s.shard)
         caches = groups.take(s) if groups is not None else s.caches
         s.caches, s.pin = None, None
-        if shard is None or not caches or not keep:
+        if shard is None:
             return
         n = min(len(keep), s.length)
-        trim_row(caches, None, s.length - n)
-        if n > 1:
+        if n < len(keep) or not caches:  # not what end_session announced
+            shard.prompt_cache.withdraw(keep)
+        if caches and n > 1:
+            trim_row(caches, None, s.length - n)
             shard.prompt_cache.insert(keep[:n], compact(caches))
 
     # -- a step ---------------------------------------------------------------
@@ -326,7 +331,10 @@ class Executor:
             if row.position == 0:
                 s.caches = shard.stage.make_cache()
             elif s.pin is not None and s.pin.tokens >= row.position:
-                s.caches = materialize(s.pin, row.position)
+                try:
+                    s.caches = materialize(s.pin, row.position)
+                except LookupError as e:
+                    raise _RowError(str(e)) from None
             else:
                 raise _RowError(f"session starts at position {row.position} but this stage "
                                 "holds no prompt cache for it")
@@ -354,16 +362,20 @@ class Executor:
             caches = self._groups_of(shard).reconcile(act.group, sessions, self.sessions.get)
         else:
             caches = sessions[0].caches
-        # A prompt chunk is evaluated a layer at a time; a decode trip of a few
-        # positions (a token and its drafts) attends in the latent space.
-        after = self._between_layers if w > 1 and not act.group else None
-        h = stage.forward(x, caches, after, absorb_up_to=w if act.group else 1)
+        # A prompt chunk is evaluated a layer at a time, as mlx-lm computes it; a
+        # trip the last stage samples from (a token and its drafts: never a
+        # prompt's chunk, whose last token goes alone) attends in the latent space.
+        after = self._between_layers if w > 1 and not act.sample else None
+        h = stage.forward(x, caches, after, absorb_up_to=w if act.sample else 1)
         for s in sessions:
             s.length += w
         if not stage.bounds.last:
             mx.eval(h)
+            k = act.drafts
             out = pb.Activation(shard=act.shard, group=act.group, width=w, sample=act.sample,
-                                rows=[act.rows[i] for i, _ in rows])
+                                rows=[act.rows[i] for i, _ in rows], drafts=k,
+                                draft_ids=[d for i, _ in rows
+                                           for d in act.draft_ids[i * k:(i + 1) * k]])
             describe(h, out.hidden)
             out.hidden.raw_bytes = h.nbytes
             self._send_on(shard, out, h, sessions)
@@ -394,8 +406,8 @@ class Executor:
 
     def _sample(self, shard: Shard, act: pb.Activation, sessions: list[Session],
                 h: mx.array) -> None:
-        done = settle(shard.stage, sessions, decide(shard.stage, sessions, h, act.width or 1),
-                      h, shard.limits.context)
+        outcomes = decide(shard.stage, sessions, h, act.width or 1, act.drafts)
+        done = settle(shard.stage, sessions, outcomes, h, shard.limits.context)
         # The next step first: the ring goes on while the events are handed out.
         if done.returns or act.group:
             self._send_on(shard, step_of(shard.name, act.group, done.returns), None, sessions)

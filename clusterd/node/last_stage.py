@@ -22,10 +22,12 @@ class Settled:
     events: list[tuple[Session, pb.TokenEvent]]
 
 
-def decide(stage, sessions: list[Session], h: mx.array, width: int) -> list[Outcome]:
-    """Each row's tokens from this trip."""
-    if width == 1:
-        logits = stage.logits(h)  # [B, V]
+def decide(stage, sessions: list[Session], h: mx.array, width: int,
+           drafts: int) -> list[Outcome]:
+    """Each row's tokens from this trip: sampled after its last position, or
+    (a trip carrying drafts) the verdict on its drafts."""
+    if not drafts:
+        logits = stage.logits(h)  # [B, V]: each row's last position
         picks: list = [None] * len(sessions)
         greedy = [i for i, s in enumerate(sessions) if s.sampler.greedy]
         if greedy:
