@@ -376,6 +376,18 @@ def test_each_planner_module_imports_alone_without_mlx_or_grpc():
     assert run.returncode == 0, run.stderr
 
 
+def test_shard_planner_passes_mypy_strict():
+    """The planner stays typed: mypy --strict over the whole package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                          "shard_planner"], capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 # ---------------------------------------------------------------------------------------
 # The prompt cache and the MTP module in a stage's need.
 
