@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -67,8 +69,8 @@ def main():
     ap.add_argument("-r", "--repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    results = {"preset": args.preset, "load_average": os.getloadavg(),
-               "prompt_tokens": args.prompt_tokens}
+    results = {"command": shlex.join(["python", *sys.argv]), "preset": args.preset,
+               "load_average": os.getloadavg(), "prompt_tokens": args.prompt_tokens}
 
     main_dir = build_synthetic_model("deepseek_v3", args.preset, 0)
     original = build_synthetic_original(args.preset, 0)

@@ -94,8 +94,8 @@ class PromptCache:
         """Caches holding `tokens` (about `nbytes`) will be inserted shortly."""
         key = tuple(tokens)
         if len(key) > 1 and nbytes <= self.max_bytes:
-            with self._lock:
-                self._arriving[key] = Arriving()
+            with self._lock:  # one entry for equal tokens: every pin of it gets the caches
+                self._arriving.setdefault(key, Arriving())
 
     def withdraw(self, tokens: Sequence[int]) -> None:
         """An announced entry that will not come after all."""

@@ -84,6 +84,7 @@ class Executor:
         self._decode: deque = deque()
         self._prefill: deque = deque()
         self._last_was_prefill = False
+        self._steps = 0
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self.loader = Loader(self.shards, self.call, self._stopping.is_set, self.unload)
@@ -120,6 +121,12 @@ class Executor:
                 except Exception as e:  # the daemon survives; the coordinators hear why
                     log.exception("step failed")
                     self._fail_rows(job.act, f"node {self.node_name}: step failed: {e}")
+                # Return MLX's freed buffers as mlx-lm does (after each prompt chunk,
+                # every 256 decode steps): batches of changing shapes otherwise keep
+                # growing its buffer cache, and the node's memory with it.
+                self._steps += 1
+                if (job.act.group == 0 and not job.from_ring) or self._steps % 256 == 0:
+                    mx.clear_cache()
             else:
                 fn, fut = job
                 if fut is None:
@@ -277,6 +284,7 @@ class Executor:
         groups = self._groups.get(s.shard)
         caches = groups.take(s) if groups is not None else s.caches
         s.caches, s.pin = None, None
+        self.sessions.released(s.session_id)
         if shard is None:
             return
         n = min(len(keep), s.length)
@@ -359,7 +367,7 @@ class Executor:
         w = act.width or 1
         x = self._input(stage, act, raw, [i for i, _ in rows], w)
         if act.group:
-            caches = self._groups_of(shard).reconcile(act.group, sessions, self.sessions.get)
+            caches = self._groups_of(shard).reconcile(act.group, sessions, self.sessions.holder)
         else:
             caches = sessions[0].caches
         # A prompt chunk is evaluated a layer at a time, as mlx-lm computes it; a

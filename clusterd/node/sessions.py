@@ -51,11 +51,15 @@ class Session:
 
 
 class SessionTable:
-    """Open sessions by id, at most `limit(shard)` per shard."""
+    """Open sessions by id, at most `limit(shard)` per shard. An ended session
+    stays findable by `holder` until its caches are released: a step that
+    drops its row from a batch hands the row's caches back to it, so they
+    reach the prompt cache (which already announced them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._ending: dict[str, Session] = {}
 
     def open(self, session: Session, limit: int) -> None:
         with self._lock:
@@ -78,10 +82,21 @@ class SessionTable:
         """Remove and mark it closed; None when there was no such session."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
+            if s is not None:
+                self._ending[session_id] = s
         if s is not None:
             s.closed = True
             s.end_reason = reason
         return s
+
+    def holder(self, session_id: str) -> Optional[Session]:
+        """The session holding these caches: open, or ended and not yet released."""
+        with self._lock:
+            return self._sessions.get(session_id) or self._ending.get(session_id)
+
+    def released(self, session_id: str) -> None:
+        with self._lock:
+            self._ending.pop(session_id, None)
 
     def select(self, *, shard: Optional[str] = None, client_id: Optional[str] = None,
                idle_before: Optional[float] = None) -> list[Session]:
