@@ -293,6 +293,9 @@ class Executor:
         if caches and n > 1:
             trim_row(caches, None, s.length - n)
             shard.prompt_cache.insert(keep[:n], compact(caches))
+        del caches
+        if not self.sessions.select():  # idle: give the freed buffers back to the system
+            mx.clear_cache()
 
     # -- a step ---------------------------------------------------------------
     def _step(self, work: _Work) -> None:
