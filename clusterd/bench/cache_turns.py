@@ -22,7 +22,7 @@ from typing import Optional
 from rich.console import Console
 
 from clusterd.bench.engine_layout import EngineLayout
-from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, ordered,
+from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, measure_layouts, ordered,
                                   ratio, rotate, teacher_force)
 from clusterd.bench.runs import SubjectInfo
 from clusterd.bench.stats import summary
@@ -72,15 +72,9 @@ def run_cache_turns(cfg: ServingConfig, console: Console, workdir: Optional[Path
     book: dict[str, dict] = {}
     salts = itertools.count(1)
     try:
-        with setup.groups() as groups:
-            for group in groups:
-                layouts = open_layouts(group, both, result, setup.say)
-                subjects = [*layouts, *([_MlxTurns(mlx, cfg)] if mlx else [])]
-                try:
-                    _measure(setup, subjects, follow, book, salts)
-                finally:
-                    for lay in layouts:
-                        lay.close()
+        baseline = [_MlxTurns(mlx, cfg)] if mlx else []
+        measure_layouts(setup, both, result,
+                        lambda layouts: _measure(setup, [*layouts, *baseline], follow, book, salts))
         with setup.console.status("checking tokens") as status:
             turns = [t for e in book.values() for rnd in e["rounds"] for t in rnd]
             misses = teacher_force(mlx, [(t.prompt, t.tokens) for t in turns],

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from clusterd.bench.engine_layout import EngineLayout, StreamRun
 from clusterd.bench.modes import (MlxBatched, MlxSingle, ServingConfig, Setup, distinct_prompt,
-                                  open_layouts, ordered, ratio, rotate, teacher_force)
+                                  measure_layouts, ordered, ratio, rotate, teacher_force)
 from clusterd.bench.stats import percentile, summary
 from clusterd.coordinator.ring import RingOptions
 
@@ -47,18 +47,12 @@ def run_concurrency(cfg: ServingConfig, console: Console, workdir: Optional[Path
     book = _Book()
     mlx = setup.mlx_lm()
     try:
-        with setup.groups() as groups:
-            for group in groups:
-                layouts = open_layouts(
-                    group, lambda spec, a: [EngineLayout(setup.model_dir, a, spec, opts)],
-                    result, setup.say)
-                try:
-                    _measure(setup, layouts, mlx, lengths, book)
-                    for lay in layouts:
-                        book.memory[lay.info.name] = lay.memory()
-                finally:
-                    for lay in layouts:
-                        lay.close()
+        def measure(layouts: list[EngineLayout]) -> None:
+            _measure(setup, layouts, mlx, lengths, book)
+            for lay in layouts:
+                book.memory[lay.info.name] = lay.memory()
+
+        measure_layouts(setup, EngineLayout.factory(setup.model_dir, opts), result, measure)
         with setup.console.status("checking tokens") as status:
             _check(book, mlx, lambda t: status.update(t))
     finally:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clusterd.bench.layouts import LayoutSpec
+from clusterd.bench.layouts import LayoutSpec, stage_memory
 from clusterd.bench.runs import ProcessMemory, SubjectInfo
 from clusterd.coordinator.cluster import Node, connect, load_ring
 from clusterd.coordinator.engine import Engine
@@ -151,6 +151,11 @@ class EngineLayout:
                              context=opts.context, max_sessions=opts.sessions,
                              prefill_step_size=opts.prefill_step_size)
 
+    @staticmethod
+    def factory(model_dir: Path, opts: RingOptions):
+        """What `measure_layouts` opens for each layout: one engine ring."""
+        return lambda spec, addresses: [EngineLayout(model_dir, addresses, spec, opts)]
+
     def _ranges(self, model_dir: Path, spec: LayoutSpec, opts: RingOptions):
         if spec.how != "planned":
             return ranges_from_counts(spec.split)
@@ -172,15 +177,7 @@ class EngineLayout:
         return [s.join(timeout) for s in streams]
 
     def memory(self) -> list[ProcessMemory]:
-        out = []
-        for st in self.stages:
-            try:
-                info = st.peer.info()
-                out.append(ProcessMemory(info.name or st.peer.address, info.rss_bytes,
-                                         info.memory_held_bytes, (st.start, st.end)))
-            except PeerError:
-                out.append(ProcessMemory(st.peer.name, 0, 0, (st.start, st.end)))
-        return out
+        return stage_memory(self.stages)
 
     def close(self) -> None:
         self.engine.close()

@@ -20,8 +20,8 @@ from rich.console import Console
 
 from clusterd.bench.concurrency import stream_lengths
 from clusterd.bench.engine_layout import EngineLayout, Stream, StreamRun
-from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, ms_summary, open_layouts,
-                                  ordered, rotate, stream_run, teacher_force)
+from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, measure_layouts,
+                                  ms_summary, ordered, rotate, stream_run, teacher_force)
 from clusterd.bench.runs import SubjectInfo
 from clusterd.bench.stats import summary
 from clusterd.coordinator.ring import RingOptions
@@ -55,17 +55,10 @@ def run_interleave(cfg: ServingConfig, console: Console, workdir: Optional[Path]
     book: dict[str, dict] = {}
     salts = itertools.count(1)
     try:
-        with setup.groups() as groups:
-            for group in groups:
-                layouts = open_layouts(
-                    group, lambda spec, a: [EngineLayout(setup.model_dir, a, spec, opts)],
-                    result, setup.say)
-                subjects = [*layouts, *([_MlxInterleave(mlx, cfg.prefill_step_size)] if mlx else [])]
-                try:
-                    _measure(setup, subjects, lengths, budget, book, salts)
-                finally:
-                    for lay in layouts:
-                        lay.close()
+        baseline = [_MlxInterleave(mlx, cfg.prefill_step_size)] if mlx else []
+        measure_layouts(setup, EngineLayout.factory(setup.model_dir, opts), result,
+                        lambda layouts: _measure(setup, [*layouts, *baseline], lengths,
+                                                 budget, book, salts))
         with setup.console.status("checking tokens") as status:
             pairs = [(s.prompt, s.tokens) for b in book.values() for rnd in b["rounds"]
                      for s in [*rnd[0], rnd[1]]]

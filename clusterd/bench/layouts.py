@@ -111,15 +111,7 @@ class ClusterdLayout:
         return RunResult(len(prompt), list(stats.tokens), times)
 
     def memory(self) -> list[ProcessMemory]:
-        out = []
-        for st in self.stages:
-            try:
-                info = st.peer.info()
-                out.append(ProcessMemory(info.name or st.peer.address, info.rss_bytes,
-                                         info.memory_held_bytes, (st.start, st.end)))
-            except PeerError:
-                out.append(ProcessMemory(st.peer.name, 0, 0, (st.start, st.end)))
-        return out
+        return stage_memory(self.stages)
 
     def close(self) -> None:
         for st in self.stages:
@@ -129,3 +121,16 @@ class ClusterdLayout:
                 pass
         for n in self.nodes:
             n.peer.close()
+
+
+def stage_memory(stages) -> list[ProcessMemory]:
+    """Each stage's process memory as its node reports it (0 when it does not answer)."""
+    out = []
+    for st in stages:
+        try:
+            info = st.peer.info()
+            out.append(ProcessMemory(info.name or st.peer.address, info.rss_bytes,
+                                     info.memory_held_bytes, (st.start, st.end)))
+        except PeerError:
+            out.append(ProcessMemory(st.peer.name, 0, 0, (st.start, st.end)))
+    return out

@@ -157,6 +157,19 @@ class Setup:
                         console=self.console, transient=False)
 
 
+def measure_layouts(setup: "Setup", factory, result: dict, measure) -> None:
+    """Each group of layouts loaded in turn (`factory(spec, addresses)` -> subjects),
+    `measure(layouts)`, then closed, whatever happened."""
+    with setup.groups() as groups:
+        for group in groups:
+            layouts = open_layouts(group, factory, result, setup.say)
+            try:
+                measure(layouts)
+            finally:
+                for lay in layouts:
+                    lay.close()
+
+
 def open_layouts(group, factory, result: dict, say) -> list:
     """Every layout of a group loaded; one that fails is skipped, named in the result."""
     out = []

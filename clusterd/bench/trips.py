@@ -23,7 +23,7 @@ from typing import Optional
 from rich.console import Console
 
 from clusterd.bench.engine_layout import GREEDY, EngineLayout
-from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, open_layouts, ordered,
+from clusterd.bench.modes import (ServingConfig, Setup, distinct_prompt, measure_layouts, ordered,
                                   rotate, teacher_force)
 from clusterd.bench.stats import latency_summary
 from clusterd.coordinator.generation import GenerationRequest
@@ -103,16 +103,8 @@ def run_trips(cfg: ServingConfig, console: Console, workdir: Optional[Path] = No
     checks: list[tuple[str, int, list[int], list[int]]] = []  # name, k, prompt, [token]
     salts = itertools.count(1)
     try:
-        with setup.groups() as groups:
-            for group in groups:
-                layouts = open_layouts(
-                    group, lambda spec, a: [EngineLayout(setup.model_dir, a, spec, opts)],
-                    result, setup.say)
-                try:
-                    _measure(setup, layouts, mlx, ks, book, checks, salts)
-                finally:
-                    for lay in layouts:
-                        lay.close()
+        measure_layouts(setup, EngineLayout.factory(setup.model_dir, opts), result,
+                        lambda layouts: _measure(setup, layouts, mlx, ks, book, checks, salts))
         with setup.console.status("checking tokens") as status:
             misses = teacher_force(mlx, [(p, t) for _, _, p, t in checks],
                                    lambda text: status.update(text))
