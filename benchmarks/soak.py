@@ -1,7 +1,9 @@
 """Soak: N concurrent sessions on 3 local daemons for a given time, with abuse
 interleaved (unauthenticated floods, headers-only callers, oversize and
 garbage requests, the coordinator process killed and restarted). Records
-each node's RSS after warm-up and at the end, and checks every finished
+each node's RSS after warm-up and at the end, both in the same idle state
+(the coordinator killed and every session freed; samples while busy swing
+by several percent with the batch), and checks every finished
 generation's tokens against single-process mlx-lm (greedy).
 
     python benchmarks/soak.py --duration 120 --sessions 4
@@ -185,11 +187,28 @@ def soak(args) -> dict:
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                     stderr=open(work / "coordinator.log", "a"))
 
+        peers = [PeerHandle(a) for a in cluster.addresses]
+
+        def quiesce(proc: subprocess.Popen) -> dict:
+            """Kill the coordinator, wait until every stage freed its sessions,
+            then read RSS: the same idle state after warm-up and at the end."""
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(p.info().sessions for p in peers):
+                time.sleep(0.2)
+            time.sleep(1)
+            return rss_of(cluster.nodes)
+
         proc = start_coordinator()
         t0 = time.monotonic()
         time.sleep(min(args.warmup, args.duration / 4))
-        report["rss_after_warmup"] = rss_of(cluster.nodes)
-        peak = dict(report["rss_after_warmup"])
+        report["rss_busy_after_warmup"] = rss_of(cluster.nodes)
+        report["rss_after_warmup"] = quiesce(proc)
+        counts["coordinator_kills"] += 1
+        counts["restarts"] += 1
+        proc = start_coordinator()
+        peak = dict(report["rss_busy_after_warmup"])
         next_kill = time.monotonic() + args.kill_every
         while time.monotonic() - t0 < args.duration:
             abuse_round(random.choice(cluster.addresses), counts)
@@ -209,18 +228,12 @@ def soak(args) -> dict:
                 proc = start_coordinator()
                 next_kill = time.monotonic() + args.kill_every
             time.sleep(args.abuse_every)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        peers = [PeerHandle(a) for a in cluster.addresses]
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(p.info().sessions for p in peers):
-            time.sleep(0.2)
+        report["rss_at_end"] = quiesce(proc)
         report["sessions_left_after_coordinator_gone"] = sum(len(p.info().sessions)
                                                             for p in peers)
         report["nodes_healthy_at_end"] = all(p.health().state == "ready" for p in peers)
         for p in peers:
             p.close()
-        report["rss_at_end"] = rss_of(cluster.nodes)
         report["rss_growth"] = {k: report["rss_at_end"][k] / v - 1
                                 for k, v in report["rss_after_warmup"].items()}
         report["rss_peak_sampled"] = peak
