@@ -13,7 +13,7 @@ from rich.table import Table
 MiB = 2**20
 
 
-def _med(s: Optional[dict]) -> Optional[float]:
+def median_of(s: Optional[dict]) -> Optional[float]:
     return None if not s else s.get("median")
 
 
@@ -21,13 +21,13 @@ def _fmt(x: Optional[float], spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _spread(s: Optional[dict]) -> str:
+def spread_text(s: Optional[dict]) -> str:
     if not s or s.get("spread_pct") is None:
         return ""
     return f" ±{s['spread_pct'] / 2:.0f}%"
 
 
-def _ratio(x: Optional[float]) -> str:
+def ratio_text(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
@@ -49,10 +49,11 @@ def print_table(result: dict, console: Console) -> None:
         mem = "/".join(f"{m['rss_bytes'] / MiB:.0f}" for m in s.get("memory", []))
         t.add_row(
             s["name"], ",".join(map(str, s.get("split", []))),
-            _fmt(_med(s["ttft_s"]), ".3f") + _spread(s["ttft_s"]),
-            _fmt(_med(s["prefill_tok_s"]), ".1f") + _spread(s["prefill_tok_s"]),
-            _fmt(_med(s["decode_tok_s"]), ".1f") + _spread(s["decode_tok_s"]),
-            _ratio(s.get("decode_vs_mlx_lm")), _ratio(s.get("ttft_vs_mlx_lm")), hop_txt, mem)
+            _fmt(median_of(s["ttft_s"]), ".3f") + spread_text(s["ttft_s"]),
+            _fmt(median_of(s["prefill_tok_s"]), ".1f") + spread_text(s["prefill_tok_s"]),
+            _fmt(median_of(s["decode_tok_s"]), ".1f") + spread_text(s["decode_tok_s"]),
+            ratio_text(s.get("decode_vs_mlx_lm")), ratio_text(s.get("ttft_vs_mlx_lm")),
+            hop_txt, mem)
     console.print(t)
     for sk in result.get("skipped", []):
         console.print(f"[yellow]skipped[/yellow] {sk['name']}: {sk['reason']}")
@@ -101,9 +102,9 @@ def write_csv(result: dict, path: Path) -> None:
             w.writerow({
                 "name": s["name"], "kind": s["kind"], "stages": s["stages"],
                 "split": " ".join(map(str, s.get("split", []))),
-                "ttft_s_median": _med(s.get("ttft_s")),
+                "ttft_s_median": median_of(s.get("ttft_s")),
                 "ttft_s_spread_pct": (s.get("ttft_s") or {}).get("spread_pct"),
-                "prefill_tok_s_median": _med(s.get("prefill_tok_s")),
+                "prefill_tok_s_median": median_of(s.get("prefill_tok_s")),
                 "decode_tok_s_median": d.get("median"), "decode_tok_s_min": d.get("min"),
                 "decode_tok_s_max": d.get("max"), "decode_tok_s_spread_pct": d.get("spread_pct"),
                 "decode_vs_mlx_lm": s.get("decode_vs_mlx_lm"),

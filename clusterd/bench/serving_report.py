@@ -10,25 +10,11 @@ from typing import Callable, Optional
 from rich.console import Console
 from rich.table import Table
 
-from clusterd.bench.report import write_json
+from clusterd.bench.report import median_of, ratio_text, spread_text, write_json
 
 
 def _f(x: Optional[float], spec: str = ".1f") -> str:
     return "-" if x is None or x != x else format(x, spec)
-
-
-def _med(s: Optional[dict]) -> Optional[float]:
-    return None if not s else s.get("median")
-
-
-def _spread(s: Optional[dict]) -> str:
-    if not s or s.get("spread_pct") is None:
-        return ""
-    return f" ±{s['spread_pct'] / 2:.0f}%"
-
-
-def _x(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}x"
 
 
 def _title(result: dict, what: str, how: str = "") -> str:
@@ -49,10 +35,10 @@ def concurrency_rows(result: dict) -> list[dict]:
             out.append({
                 "name": s["name"], "kind": s["kind"], "stages": s["stages"],
                 "split": " ".join(map(str, s["split"])), "concurrency": r["concurrency"],
-                "aggregate_tok_s": _med(r["aggregate_tok_s"]),
+                "aggregate_tok_s": median_of(r["aggregate_tok_s"]),
                 "aggregate_tok_s_spread_pct": r["aggregate_tok_s"].get("spread_pct"),
-                "per_stream_tok_s": _med(r["per_stream_tok_s"]),
-                "ttft_p50_s": _med(r["ttft_s"]), "ttft_p99_s": r["ttft_p99_s"],
+                "per_stream_tok_s": median_of(r["per_stream_tok_s"]),
+                "ttft_p50_s": median_of(r["ttft_s"]), "ttft_p99_s": r["ttft_p99_s"],
                 "vs_mlx_lm_batched": r["vs_mlx_lm_batched"], "vs_own_c1": r["vs_own_c1"],
                 "teacher_forced_misses": r["teacher_forced_misses"],
                 "cached_tokens": r["cached_tokens"], "error": s["error"]})
@@ -73,10 +59,10 @@ def print_concurrency(result: dict, console: Console) -> None:
             t.add_row(s["name"], "", "[red]failed[/red]", s["error"][:60], "", "", "", "", "")
         for i, r in enumerate(s["rows"]):
             t.add_row(s["name"] if i == 0 else "", str(r["concurrency"]),
-                      _f(_med(r["aggregate_tok_s"])) + _spread(r["aggregate_tok_s"]),
-                      _f(_med(r["per_stream_tok_s"])), _f(_med(r["ttft_s"]), ".3f"),
-                      _f(r["ttft_p99_s"], ".3f"), _x(r["vs_mlx_lm_batched"]),
-                      _x(r["vs_own_c1"]), _misses(r["teacher_forced_misses"]),
+                      _f(median_of(r["aggregate_tok_s"])) + spread_text(r["aggregate_tok_s"]),
+                      _f(median_of(r["per_stream_tok_s"])), _f(median_of(r["ttft_s"]), ".3f"),
+                      _f(r["ttft_p99_s"], ".3f"), ratio_text(r["vs_mlx_lm_batched"]),
+                      ratio_text(r["vs_own_c1"]), _misses(r["teacher_forced_misses"]),
                       end_section=i == len(s["rows"]) - 1)
     console.print(t)
 
@@ -115,8 +101,8 @@ def interleave_rows(result: dict) -> list[dict]:
     out = []
     for s in result["subjects"]:
         row = {"name": s["name"], "kind": s["kind"], "stages": s["stages"], "error": s["error"],
-               "long_ttft_s": _med(s.get("long_ttft_s")),
-               "tokens_during_prefill": _med(s.get("tokens_during_prefill")),
+               "long_ttft_s": median_of(s.get("long_ttft_s")),
+               "tokens_during_prefill": median_of(s.get("tokens_during_prefill")),
                "teacher_forced_misses": s.get("teacher_forced_misses")}
         for ph in PHASES:
             iv = (s.get("intervals") or {}).get(ph) or {}
@@ -141,8 +127,8 @@ def print_interleave(result: dict, console: Console) -> None:
         iv = s["intervals"]
         cells = [f"{_f(iv[ph]['p50_ms'])} / {_f(iv[ph]['p99_ms'])}" for ph in PHASES]
         t.add_row(s["name"], *cells, _f(iv["during"]["max_ms"]),
-                  _f(_med(s["tokens_during_prefill"])),
-                  _f(_med(s["long_ttft_s"]), ".3f") + _spread(s["long_ttft_s"]),
+                  _f(median_of(s["tokens_during_prefill"])),
+                  _f(median_of(s["long_ttft_s"]), ".3f") + spread_text(s["long_ttft_s"]),
                   _misses(s.get("teacher_forced_misses")))
     console.print(t)
 
@@ -173,10 +159,10 @@ def chart_interleave(result: dict, path: Path) -> None:
 def cache_rows(result: dict) -> list[dict]:
     return [{"name": s["name"], "kind": s["kind"], "stages": s.get("stages"),
              "prompt_cache": s.get("prompt_cache"), "error": s["error"],
-             "turn1_ttft_s": _med(s.get("turn1_ttft_s")),
-             "turn2_ttft_s": _med(s.get("turn2_ttft_s")),
+             "turn1_ttft_s": median_of(s.get("turn1_ttft_s")),
+             "turn2_ttft_s": median_of(s.get("turn2_ttft_s")),
              "turn2_ttft_s_spread_pct": (s.get("turn2_ttft_s") or {}).get("spread_pct"),
-             "turn2_cached_tokens": _med(s.get("turn2_cached_tokens")),
+             "turn2_cached_tokens": median_of(s.get("turn2_cached_tokens")),
              "turn2_cache_missed_rounds": s.get("turn2_cache_missed_rounds"),
              "turn2_vs_without_cache": s.get("turn2_vs_without_cache"),
              "teacher_forced_misses": s.get("teacher_forced_misses")}
@@ -197,11 +183,12 @@ def print_cache(result: dict, console: Console) -> None:
             continue
         missed = s.get("turn2_cache_missed_rounds")
         t.add_row(s["name"], s["prompt_cache"],
-                  _f(_med(s["turn1_ttft_s"]), ".3f"),
-                  _f(_med(s["turn2_ttft_s"]), ".3f") + _spread(s["turn2_ttft_s"]),
-                  _f(_med(s["turn2_cached_tokens"]), ".0f"),
+                  _f(median_of(s["turn1_ttft_s"]), ".3f"),
+                  _f(median_of(s["turn2_ttft_s"]), ".3f") + spread_text(s["turn2_ttft_s"]),
+                  _f(median_of(s["turn2_cached_tokens"]), ".0f"),
                   "-" if missed is None else (f"[red]{missed}[/red]" if missed else "0"),
-                  _x(s.get("turn2_vs_without_cache")), _misses(s.get("teacher_forced_misses")))
+                  ratio_text(s.get("turn2_vs_without_cache")),
+                  _misses(s.get("teacher_forced_misses")))
     console.print(t)
 
 
@@ -249,7 +236,7 @@ def print_trips(result: dict, console: Console) -> None:
             t.add_row(s["name"], "", "[red]failed[/red]", s["error"][:60], "", "")
         for i, r in enumerate(s["rows"]):
             t.add_row(s["name"] if i == 0 else "", str(r["tokens"]), _f(r["trip"]["p50_ms"], ".2f"),
-                      _f(r["trip"]["p90_ms"], ".2f"), _x(r["vs_one_token"]),
+                      _f(r["trip"]["p90_ms"], ".2f"), ratio_text(r["vs_one_token"]),
                       _misses(r.get("teacher_forced_misses")), end_section=i == len(s["rows"]) - 1)
     console.print(t)
 
