@@ -31,7 +31,8 @@ from clusterd.node.cache_store import compact, materialize
 from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
-from clusterd.node.loading import Busy, Loader, free_memory  # noqa: F401 (Busy: the service catches it)
+from clusterd.node.heap import free_memory, give_back
+from clusterd.node.loading import Busy, Loader  # noqa: F401 (Busy: the service catches it)
 from clusterd.node.drafting import LookupDrafts, MtpDrafts
 from clusterd.node.last_stage import decide, settle, step_of
 from clusterd.node.sampling import RowSampler
@@ -294,8 +295,8 @@ class Executor:
             trim_row(caches, None, s.length - n)
             shard.prompt_cache.insert(keep[:n], compact(caches))
         del caches
-        if not self.sessions.select():  # idle: give the freed buffers back to the system
-            mx.clear_cache()
+        if not self.sessions.select():  # idle: give the freed memory back to the system
+            give_back()
 
     # -- a step ---------------------------------------------------------------
     def _step(self, work: _Work) -> None:

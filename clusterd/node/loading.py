@@ -7,17 +7,15 @@ the node stops or the caller gives up. A failed load frees what it took."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import mlx.core as mx
-
 from clusterd.models.stage import StageLoadError, load_stage, read_config
 from clusterd.node.cache_store import PromptCache
+from clusterd.node.heap import free_memory
 from clusterd.node.shards import Budget, LimitError, Limits, Shard, ShardTable, budget, spec_for
 
 GiB = 2**30
@@ -116,11 +114,6 @@ def _spec(path: Path):
     except (ValueError, KeyError, TypeError) as e:
         raise StageLoadError(f"config.json does not describe a model clusterd can plan: "
                              f"{str(e)[:200]}") from None
-
-
-def free_memory() -> None:
-    gc.collect()
-    mx.clear_cache()
 
 
 def _too_big(need: Budget, others: int, usable: int, limits: Limits) -> str:
