@@ -1,6 +1,9 @@
 """Token events to coordinators: one queue per coordinator (client id),
 drained by its single Events stream, whatever the number of its sessions.
-Events published before the stream attaches wait in the queue."""
+A queue exists from the client's first session (events published before
+its stream attaches wait there) until its stream ends or its last session
+is released; events for a client without one are dropped, so a vanished
+coordinator leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -19,19 +22,40 @@ class EventHub:
     def __init__(self) -> None:
         self._queues: dict[str, "queue.Queue[pb.TokenEvent]"] = {}
         self._attached: dict[str, object] = {}
+        self._holding: dict[str, int] = {}  # client -> its sessions not yet released
         self._lock = threading.Lock()
 
     def _queue(self, client_id: str) -> "queue.Queue[pb.TokenEvent]":
+        q = self._queues.get(client_id)
+        if q is None:
+            q = self._queues[client_id] = queue.Queue(MAX_PENDING)
+        return q
+
+    def opened(self, client_id: str) -> None:
+        """A session of the client is opening: its events are kept."""
         with self._lock:
-            q = self._queues.get(client_id)
-            if q is None:
-                q = self._queues[client_id] = queue.Queue(MAX_PENDING)
-            return q
+            self._holding[client_id] = self._holding.get(client_id, 0) + 1
+            self._queue(client_id)
+
+    def released(self, client_id: str) -> None:
+        """One of its sessions is gone (or was refused): after the last, and
+        with no stream reading, its queue goes."""
+        with self._lock:
+            n = self._holding.pop(client_id, 0) - 1
+            if n > 0:
+                self._holding[client_id] = n
+            elif client_id not in self._attached:
+                self._queues.pop(client_id, None)
 
     def publish(self, client_id: str, event: pb.TokenEvent) -> bool:
-        """False when the client's queue is full (it stopped reading)."""
+        """False when nobody will read it: the client is gone, or its queue
+        is full (it stopped reading)."""
+        with self._lock:
+            q = self._queues.get(client_id)
+        if q is None:
+            return False
         try:
-            self._queue(client_id).put_nowait(event)
+            q.put_nowait(event)
             return True
         except queue.Full:
             return False
@@ -41,7 +65,7 @@ class EventHub:
         of the same client takes over from an older one)."""
         with self._lock:
             self._attached[client_id] = token
-        return self._queue(client_id)
+            return self._queue(client_id)
 
     def detach(self, client_id: str, token: object) -> bool:
         """True when `token` was still the client's stream: it is gone now."""
@@ -56,10 +80,10 @@ class EventHub:
         with self._lock:
             return client_id in self._attached
 
-    def drop(self, client_id: str) -> None:
+    def clients(self) -> int:
+        """Clients whose events are kept (what a node holds for them)."""
         with self._lock:
-            if client_id not in self._attached:
-                self._queues.pop(client_id, None)
+            return len(self._queues)
 
     def get(self, q: "queue.Queue[pb.TokenEvent]", timeout: float) -> Optional[pb.TokenEvent]:
         try:

@@ -36,7 +36,7 @@ from clusterd.node.loading import Busy, Loader  # noqa: F401 (Busy: the service 
 from clusterd.node.drafting import LookupDrafts, MtpDrafts
 from clusterd.node.last_stage import decide, settle, step_of
 from clusterd.node.sampling import RowSampler
-from clusterd.node.sessions import Session, SessionTable
+from clusterd.node.sessions import Session, SessionRefused, SessionTable
 from clusterd.node.shards import Shard, ShardTable
 from clusterd.security import TlsFiles
 from clusterd.wire import clusterd_pb2 as pb
@@ -239,7 +239,12 @@ class Executor:
             sampler=RowSampler(req.sampling, shard.limits.context) if last else None,
             max_tokens=req.max_tokens, stop_ids=frozenset(req.stop_token_ids),
             drafts=_drafts(req, shard))
-        self.sessions.open(s, shard.limits.max_sessions)
+        self.events.opened(s.client_id)  # before it can be ended and released
+        try:
+            self.sessions.open(s, shard.limits.max_sessions)
+        except SessionRefused:
+            self.events.released(s.client_id)
+            raise
         self._ring_next[shard.name] = req.next_address
         return pin.tokens if pin else 0
 
@@ -260,9 +265,9 @@ class Executor:
     def end_client(self, client_id: str, reason: str) -> list[str]:
         ended = []
         for s in self.sessions.select(client_id=client_id):
-            self.sessions.end(s.session_id, reason)
-            self.post(lambda s=s: self._release(s, ()))
-            ended.append(s.session_id)
+            if self.sessions.end(s.session_id, reason) is not None:  # once, whoever ends it
+                self.post(lambda s=s: self._release(s, ()))
+                ended.append(s.session_id)
         return ended
 
     def expire(self, now: Optional[float] = None) -> list[str]:
@@ -286,6 +291,7 @@ class Executor:
         caches = groups.take(s) if groups is not None else s.caches
         s.caches, s.pin = None, None
         self.sessions.released(s.session_id)
+        self.events.released(s.client_id)
         if shard is None:
             return
         n = min(len(keep), s.length)
