@@ -1,7 +1,8 @@
 """Soak: N concurrent sessions on 3 local daemons for a given time, with abuse
 interleaved (unauthenticated floods, headers-only callers, oversize and
 garbage requests, the coordinator process killed and restarted). Records
-each node's RSS after warm-up and at the end, both in the same idle state
+each node's RSS (and what it is made of) after a warm-up running the same
+workload, and at the end of `--duration` more, both in the same idle state
 (the coordinator killed and every session freed; samples while busy swing
 by several percent with the batch), and checks every finished
 generation's tokens against single-process mlx-lm (greedy).
@@ -126,6 +127,24 @@ def rss_of(nodes) -> dict:
     return {n.name: psutil.Process(n.pid).memory_info().rss for n in nodes}
 
 
+def memory_of(nodes, peers) -> dict:
+    """What the RSS is made of, per node: threads, anonymous and file-backed
+    pages (the kernel's split) and what the node says its prompt cache holds."""
+    out = {}
+    for n, p in zip(nodes, peers):
+        rollup = {}
+        for line in Path(f"/proc/{n.pid}/smaps_rollup").read_text().splitlines()[1:]:
+            key, value = line.split(":", 1)
+            rollup[key] = int(value.split()[0]) * 1024
+        shards = p.info().shards
+        out[n.name] = {"threads": psutil.Process(n.pid).num_threads(),
+                       "anonymous": rollup.get("Anonymous", 0),
+                       "file": rollup.get("Rss", 0) - rollup.get("Anonymous", 0),
+                       "prompt_cache_bytes": sum(s.prompt_cache_bytes for s in shards),
+                       "prompt_cache_entries": sum(s.prompt_cache_entries for s in shards)}
+    return out
+
+
 def verify(model: Path, rows: list[dict], max_tokens: int, stop_ids: list[int],
            limit: int, exact_limit: int) -> dict:
     """Each finished generation's tokens against mlx-lm fed the same prefix
@@ -189,7 +208,7 @@ def soak(args) -> dict:
 
         peers = [PeerHandle(a) for a in cluster.addresses]
 
-        def quiesce(proc: subprocess.Popen) -> dict:
+        def quiesce(proc: subprocess.Popen, label: str) -> dict:
             """Kill the coordinator, wait until every stage freed its sessions,
             then read RSS: the same idle state after warm-up and at the end."""
             proc.send_signal(signal.SIGKILL)
@@ -198,37 +217,45 @@ def soak(args) -> dict:
             while time.monotonic() < deadline and any(p.info().sessions for p in peers):
                 time.sleep(0.2)
             time.sleep(1)
+            report[f"memory_{label}"] = memory_of(cluster.nodes, peers)
             return rss_of(cluster.nodes)
 
-        proc = start_coordinator()
-        t0 = time.monotonic()
-        time.sleep(min(args.warmup, args.duration / 4))
+        def run(proc: subprocess.Popen, seconds: float, phase: str, peak: dict):
+            """The workload: sessions, an abuse round every few seconds, the
+            coordinator killed and restarted every `kill_every` seconds."""
+            t0 = time.monotonic()
+            next_kill = t0 + args.kill_every
+            while time.monotonic() - t0 < seconds:
+                abuse_round(random.choice(cluster.addresses), counts)
+                counts["abuse_rounds"] += 1
+                for name, value in rss_of(cluster.nodes).items():
+                    peak[name] = max(peak.get(name, 0), value)
+                if time.monotonic() >= next_kill:
+                    print(f"{phase} {time.monotonic() - t0:.0f}s of {seconds:.0f}: "
+                          f"{counts['abuse_rounds']} abuse rounds, "
+                          f"{sum(1 for _ in open(log)) if log.exists() else 0} generations, "
+                          f"RSS MB {[round(v / 2**20) for v in rss_of(cluster.nodes).values()]}; "
+                          "killing the coordinator", flush=True)
+                    proc.send_signal(signal.SIGKILL)  # the coordinator vanishes mid-generation
+                    proc.wait()
+                    counts["coordinator_kills"] += 1
+                    counts["restarts"] += 1
+                    proc = start_coordinator()
+                    next_kill = time.monotonic() + args.kill_every
+                time.sleep(args.abuse_every)
+            return proc
+
+        # Warm-up runs the same workload (abuse included: its bursts of calls
+        # grow gRPC's thread pool to its working size) before the first reading.
+        warm_peak: dict = {}
+        proc = run(start_coordinator(), args.warmup, "warm-up", warm_peak)
         report["rss_busy_after_warmup"] = rss_of(cluster.nodes)
-        report["rss_after_warmup"] = quiesce(proc)
+        report["rss_after_warmup"] = quiesce(proc, "after_warmup")
         counts["coordinator_kills"] += 1
         counts["restarts"] += 1
-        proc = start_coordinator()
-        peak = dict(report["rss_busy_after_warmup"])
-        next_kill = time.monotonic() + args.kill_every
-        while time.monotonic() - t0 < args.duration:
-            abuse_round(random.choice(cluster.addresses), counts)
-            counts["abuse_rounds"] += 1
-            for name, value in rss_of(cluster.nodes).items():
-                peak[name] = max(peak[name], value)
-            if time.monotonic() >= next_kill:
-                print(f"{time.monotonic() - t0:.0f}s of {args.duration:.0f}: "
-                      f"{counts['abuse_rounds']} abuse rounds, "
-                      f"{sum(1 for _ in open(log)) if log.exists() else 0} generations, "
-                      f"RSS MB {[round(v / 2**20) for v in rss_of(cluster.nodes).values()]}; "
-                      "killing the coordinator", flush=True)
-                proc.send_signal(signal.SIGKILL)  # the coordinator vanishes mid-generation
-                proc.wait()
-                counts["coordinator_kills"] += 1
-                counts["restarts"] += 1
-                proc = start_coordinator()
-                next_kill = time.monotonic() + args.kill_every
-            time.sleep(args.abuse_every)
-        report["rss_at_end"] = quiesce(proc)
+        peak: dict = {}
+        proc = run(start_coordinator(), args.duration, "soak", peak)
+        report["rss_at_end"] = quiesce(proc, "at_end")
         report["sessions_left_after_coordinator_gone"] = sum(len(p.info().sessions)
                                                             for p in peers)
         report["nodes_healthy_at_end"] = all(p.health().state == "ready" for p in peers)
@@ -248,13 +275,15 @@ def soak(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--duration", type=float, default=120.0, help="seconds of soak")
+    p.add_argument("--duration", type=float, default=120.0,
+                   help="seconds of soak after the warm-up (RSS compared across them)")
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--context", type=int, default=512, help="tokens per session the ring plans")
     p.add_argument("--arch", default="deepseek_v3")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--warmup", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=60.0,
+                   help="seconds of the same workload before the first RSS reading")
     p.add_argument("--abuse-every", type=float, default=2.0)
     p.add_argument("--kill-every", type=float, default=40.0, help="coordinator kill period, s")
     p.add_argument("--verify-limit", type=int, default=0,
