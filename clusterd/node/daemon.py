@@ -199,6 +199,7 @@ class Daemon:
         while not self.stop_requested.wait(SESSION_SWEEP_S):
             for sid in self.executor.expire():
                 log.info("session %s timed out; its caches are freed", sid)
+            self.executor.events.sweep()  # events no coordinator came to read
 
     def stop(self) -> None:
         """Stop in order, within a few seconds whatever is running: leave

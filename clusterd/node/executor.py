@@ -32,7 +32,7 @@ from clusterd.node.checks import activation_problem
 from clusterd.node.events import EventHub
 from clusterd.node.link import LinkClient, LinkError, LinkServer
 from clusterd.node.heap import free_memory, give_back
-from clusterd.node.loading import Busy, Loader  # noqa: F401 (Busy: the service catches it)
+from clusterd.node.loading import Loader
 from clusterd.node.drafting import LookupDrafts, MtpDrafts
 from clusterd.node.last_stage import decide, settle, step_of
 from clusterd.node.sampling import RowSampler
