@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import psutil
@@ -220,7 +221,7 @@ def soak(args) -> dict:
             report[f"memory_{label}"] = memory_of(cluster.nodes, peers)
             return rss_of(cluster.nodes)
 
-        def run(proc: subprocess.Popen, seconds: float, phase: str, peak: dict):
+        def run(proc: subprocess.Popen, seconds: float, phase: str, peak: Optional[dict] = None):
             """The workload: sessions, an abuse round every few seconds, the
             coordinator killed and restarted every `kill_every` seconds."""
             t0 = time.monotonic()
@@ -228,7 +229,7 @@ def soak(args) -> dict:
             while time.monotonic() - t0 < seconds:
                 abuse_round(random.choice(cluster.addresses), counts)
                 counts["abuse_rounds"] += 1
-                for name, value in rss_of(cluster.nodes).items():
+                for name, value in rss_of(cluster.nodes).items() if peak is not None else ():
                     peak[name] = max(peak.get(name, 0), value)
                 if time.monotonic() >= next_kill:
                     print(f"{phase} {time.monotonic() - t0:.0f}s of {seconds:.0f}: "
@@ -247,8 +248,7 @@ def soak(args) -> dict:
 
         # Warm-up runs the same workload (abuse included: its bursts of calls
         # grow gRPC's thread pool to its working size) before the first reading.
-        warm_peak: dict = {}
-        proc = run(start_coordinator(), args.warmup, "warm-up", warm_peak)
+        proc = run(start_coordinator(), args.warmup, "warm-up")
         report["rss_busy_after_warmup"] = rss_of(cluster.nodes)
         report["rss_after_warmup"] = quiesce(proc, "after_warmup")
         counts["coordinator_kills"] += 1

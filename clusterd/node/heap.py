@@ -4,7 +4,7 @@ Two layers keep what was freed for reuse: MLX's buffer cache, and the C
 allocator's arenas (one per thread that allocates: gRPC's worker threads,
 the compute thread, the links). Without giving it back, an idle node stays
 as big as its busiest moment and grows with every new peak of concurrent
-calls (the soak found 5-9 MiB in 10 minutes, all in glibc's thread arenas).
+calls (the soak found 5-9 MiB in 10 minutes, mostly in glibc's thread arenas).
 """
 
 from __future__ import annotations
