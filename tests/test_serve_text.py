@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clusterd.coordinator.chat import Chat, template_messages
@@ -98,6 +98,7 @@ def stopped(pieces, stops):
 
 
 @settings(max_examples=300, deadline=None)
+@example(" aa", ["a", " aa"], [2])  # a longer stop that starts earlier completes later
 @given(st.text("ab\n ", max_size=30), st.lists(st.text("ab\n ", min_size=1, max_size=4),
                                                min_size=1, max_size=3),
        st.lists(st.integers(0, 30), max_size=8))

@@ -137,6 +137,7 @@ class Answer:
                 r, c = parser.finish() if parser else ("", "")
                 c, matched = stops.feed(c)
                 c += stops.finish()
+                matched = stops.matched  # a stop held back to the end
                 if r or c:
                     self._put(Delta(r, c))
             stats = self._generation.stats

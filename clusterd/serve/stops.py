@@ -21,18 +21,28 @@ class StopMatcher:
         if not self._stops:
             return piece, False
         buf = self._buf + piece
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
+        cut = self._first_hit(buf)
+        # Where a stop might still begin (one not complete yet): when that is
+        # before the hit, a longer stop starting earlier may win; wait for it.
+        start = len(buf) - max(held_prefix(buf, s) for s in self._stops)
+        if cut is not None and cut <= start:
             self.matched, self._buf = True, ""
-            return buf[:min(hits)], True
-        held = max(held_prefix(buf, s) for s in self._stops)
-        self._buf = buf[len(buf) - held:] if held else ""
-        return buf[:len(buf) - held], False
+            return buf[:cut], True
+        self._buf = buf[start:]
+        return buf[:start], False
 
     def finish(self) -> str:
-        """What was held back, once the text has ended without a match."""
+        """What was held back, once the text has ended (cut at a stop in it)."""
         buf, self._buf = self._buf, ""
-        return "" if self.matched else buf
+        if self.matched:
+            return ""
+        cut = self._first_hit(buf)
+        self.matched = cut is not None
+        return buf if cut is None else buf[:cut]
+
+    def _first_hit(self, text: str):
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
 
 
 def held_prefix(text: str, stop: str) -> int:
